@@ -1,0 +1,522 @@
+"""QR buffer and distillation losses: tiny random tensors, no model, no framework."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from cmtl.losses import (
+    create_distill_loss,
+    kl_distill,
+    list_distill_losses,
+    masked_cross_entropy,
+    mse_distill,
+    register_distill_loss,
+)
+from cmtl.qr import (
+    QRBuffer,
+    QRConfig,
+    balanced_quota,
+    class_balanced_indices,
+    logit_quality,
+)
+
+PAD = -1e4
+
+
+def _kl_by_hand(student: list[float], teacher: list[float], t: float) -> float:
+    zs = sum(math.exp(s / t) for s in student)
+    zt = sum(math.exp(v / t) for v in teacher)
+    return (
+        t
+        * t
+        * sum(
+            math.exp(v / t) / zt * ((v / t - math.log(zt)) - (s / t - math.log(zs)))
+            for s, v in zip(student, teacher)
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+
+@pytest.mark.parametrize(
+    "student, teacher, t",
+    [
+        ([0.0, 0.0], [math.log(3.0), 0.0], 1.0),
+        ([1.0, -2.0, 0.5], [0.0, 3.0, 1.0], 2.0),
+        ([2.0, 1.0], [1.0, 2.0], 4.0),
+    ],
+)
+def test_kl_matches_hand_computation(student, teacher, t):
+    got = kl_distill(torch.tensor([student]), torch.tensor([teacher]), temperature=t)
+    assert got.item() == pytest.approx(_kl_by_hand(student, teacher, t), rel=1e-5)
+
+
+def test_kl_first_case_closed_form():
+    # teacher (3/4, 1/4), student uniform: KL = 3/4 log(3/2) + 1/4 log(1/2) at T = 1
+    got = kl_distill(torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]]), temperature=1.0)
+    assert got.item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["kl", "mse"])
+def test_distill_zero_when_student_equals_teacher(name):
+    x = torch.randn(5, 7)
+    mask = torch.rand(5, 7) > 0.3
+    mask[:, 0] = True
+    assert create_distill_loss(name)(x, x.clone(), mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["kl", "mse"])
+def test_distill_ignores_masked_columns(name):
+    student, teacher = torch.randn(3, 5), torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    loss = create_distill_loss(name)
+    ref = loss(student, teacher, mask)
+    s2, t2 = student.clone(), teacher.clone()
+    s2[~mask] = PAD
+    t2[~mask] = 123.0
+    assert loss(s2, t2, mask).item() == pytest.approx(ref.item(), rel=1e-6)
+    # gradients reach only the valid columns and are finite
+    s = student.clone().requires_grad_()
+    loss(s, t2, mask).backward()
+    assert torch.isfinite(s.grad).all() and (s.grad[~mask] == 0).all() and (s.grad[mask] != 0).any()
+
+
+def test_kl_mask_equals_truncated_distribution():
+    student, teacher = torch.tensor([[1.0, 2.0, 9.0]]), torch.tensor([[0.5, -1.0, -9.0]])
+    mask = torch.tensor([[True, True, False]])
+    assert kl_distill(student, teacher, mask).item() == pytest.approx(
+        _kl_by_hand([1.0, 2.0], [0.5, -1.0], 2.0), rel=1e-5
+    )
+
+
+def test_mse_hand_computed_with_mask_and_weight():
+    student = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    teacher = torch.tensor([[0.0, 0.0, 100.0], [1.0, 1.0, 1.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    # valid squared errors: 1, 4 | 1, 1, 1 -> 8 over 5 entries
+    assert mse_distill(student, teacher, mask).item() == pytest.approx(8 / 5)
+    assert mse_distill(student, teacher, mask, torch.tensor([2.0, 0.0])).item() == pytest.approx(10 / 5)
+
+
+def test_kl_weight_scales_per_sample():
+    s, t = torch.randn(2, 4), torch.randn(2, 4)
+    per = [kl_distill(s[i : i + 1], t[i : i + 1]).item() for i in range(2)]
+    got = kl_distill(s, t, weight=torch.tensor([3.0, 0.5])).item()
+    assert got == pytest.approx((3.0 * per[0] + 0.5 * per[1]) / 2, rel=1e-5)
+
+
+def test_masked_cross_entropy_matches_truncated():
+    logits, y = torch.randn(4, 6), torch.tensor([0, 2, 1, 3])
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[:, :4] = True
+    assert masked_cross_entropy(logits, y, mask).item() == pytest.approx(
+        F.cross_entropy(logits[:, :4], y).item()
+    )
+
+
+def test_loss_registry_and_errors():
+    assert {"kl", "mse"} <= set(list_distill_losses())
+    with pytest.raises(ValueError, match="valid: .*kl"):
+        create_distill_loss("kll")
+    with pytest.raises(ValueError, match="already registered"):
+        register_distill_loss("kl")(lambda: None)
+    with pytest.raises(ValueError, match="at least one valid"):
+        kl_distill(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([[True, False, False], [False] * 3]))
+    with pytest.raises(ValueError, match="must both be"):
+        mse_distill(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"selection": "fifo"}, "balanced, reservoir"),
+        ({"loss": "l1"}, "kl, mse"),
+        ({"budget": -1}, "budget"),
+        ({"budget": None, "per_class": None}, "neither"),
+        ({"per_class": 0}, "per_class"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"bank_momentum": 1.0}, "bank_momentum"),
+        ({"lambda_replay": -1.0}, "lambda_replay"),
+        ({"max_weight": 0.0}, "max_weight"),
+        ({"pool_factor": 0.5}, "pool_factor"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QRConfig(**kwargs)
+
+
+# -------------------------------------------------------------------------------------- in-task QR bank
+
+
+def test_bank_updates_only_from_correct_samples():
+    qr = QRBuffer(QRConfig(bank_momentum=0.5))
+    logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [4.0, 1.0, 0.0]])
+    targets = torch.tensor([0, 0, 0])  # row 1 is wrong
+    qr.update_bank(logits, targets, task=0)
+    bank, filled = qr._bank[0], qr._bank_filled[0]
+    assert filled.tolist() == [True, False, False]
+    assert torch.allclose(bank[0], (logits[0] + logits[2]) / 2)
+    # EMA with momentum 0.5; a batch with only wrong samples of class 0 changes nothing
+    qr.update_bank(torch.tensor([[5.0, 1.0, 1.0]]), torch.tensor([0]), task=0)
+    assert torch.allclose(
+        qr._bank[0][0], 0.5 * (logits[0] + logits[2]) / 2 + 0.5 * torch.tensor([5.0, 1.0, 1.0])
+    )
+    before = qr._bank[0].clone()
+    qr.update_bank(torch.tensor([[0.0, 2.0, 1.0]]), torch.tensor([0]), task=0)
+    assert torch.equal(qr._bank[0][0], before[0])
+
+
+def test_in_task_loss_zero_without_bank_and_grad_safe():
+    qr = QRBuffer()
+    logits = torch.randn(4, 3, requires_grad=True)
+    loss = qr.in_task_loss(logits, torch.tensor([0, 1, 2, 0]), task=0)
+    assert loss.item() == 0.0
+    (loss + logits.sum()).backward()  # adds to other losses and backpropagates
+    qr.update_bank(torch.tensor([[5.0, 0.0, 0.0]]), torch.tensor([0]), task=0)
+    zero = qr.in_task_loss(logits, torch.tensor([1, 2, 1, 2]), task=0)  # classes with no entry
+    assert zero.item() == 0.0
+    zero.backward()
+
+
+def test_in_task_loss_weighted_by_inverse_running_ce():
+    cfg = QRConfig(ce_floor=1e-3, max_weight=None, temperature=2.0)
+    qr = QRBuffer(cfg)
+    entry = torch.tensor([[4.0, 1.0, 0.0]])
+    qr.update_bank(entry, torch.tensor([0]), task=0, track_ce=False)
+    qr.update_ce(0, 0.5)
+    logits = torch.tensor([[1.0, 1.0, 1.0]])
+    got = qr.in_task_loss(logits, torch.tensor([0]), task=0)
+    assert got.item() == pytest.approx(_kl_by_hand([1.0, 1.0, 1.0], [4.0, 1.0, 0.0], 2.0) / 0.5, rel=1e-5)
+
+    low = QRBuffer(cfg)
+    low.update_bank(entry, torch.tensor([0]), task=0, track_ce=False)
+    low.update_ce(0, 0.1)
+    assert low.task_weight(0) > qr.task_weight(0)
+    assert low.in_task_loss(logits, torch.tensor([0]), 0).item() > got.item()
+
+
+@pytest.mark.parametrize(
+    "ce, floor, cap, expected",
+    [(0.5, 0.05, 10.0, 2.0), (0.01, 0.05, None, 20.0), (0.01, 0.05, 10.0, 10.0), (0.0, 0.05, 100.0, 20.0)],
+)
+def test_task_weight_is_bounded(ce, floor, cap, expected):
+    qr = QRBuffer(QRConfig(ce_floor=floor, max_weight=cap))
+    assert qr.task_weight(0) == 0.0  # no running CE yet
+    qr.update_ce(0, ce)
+    assert qr.task_weight(0) == pytest.approx(expected)
+
+
+def test_update_bank_tracks_running_ce():
+    qr = QRBuffer(QRConfig(ce_momentum=0.5))
+    logits, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    qr.update_bank(logits, y, task=2)
+    first = F.cross_entropy(logits, y).item()
+    assert qr.running_ce(2) == pytest.approx(first)
+    qr.update_ce(2, 1.0)
+    assert qr.running_ce(2) == pytest.approx(0.5 * first + 0.5)
+
+
+# ---------------------------------------------------------------------------------- records and quality
+
+
+def test_logit_quality():
+    q = logit_quality(
+        torch.tensor([[3.0, 1.0, 2.0], [1.0, 3.0, 0.0], [2.0, 2.0, 0.0]]), torch.tensor([0, 0, 0])
+    )
+    assert q.tolist() == [1.0, float("-inf"), float("-inf")]  # a tie is not a correct prediction
+
+
+# (first logits of the sample [true class 0], second logits, stored after the second record)
+RECORD_CASES = [
+    ("first incorrect is kept", [0.0, 2.0], None, [0.0, 2.0]),
+    ("correct replaces incorrect", [0.0, 2.0], [2.0, 1.0], [2.0, 1.0]),
+    ("incorrect never replaces correct", [2.0, 1.0], [0.0, 5.0], [2.0, 1.0]),
+    ("larger margin replaces", [2.0, 1.0], [3.0, 0.0], [3.0, 0.0]),
+    ("smaller margin does not", [3.0, 0.0], [2.0, 1.0], [3.0, 0.0]),
+    ("equal margin does not", [3.0, 0.0], [4.0, 1.0], [3.0, 0.0]),
+    ("incorrect does not replace incorrect", [0.0, 2.0], [0.0, 1.0], [0.0, 2.0]),
+]
+
+
+@pytest.mark.parametrize("case, first, second, stored", RECORD_CASES, ids=[c[0] for c in RECORD_CASES])
+def test_record_replaces_only_on_quality_improvement(case, first, second, stored):
+    qr = QRBuffer()
+    qr.begin_task(0, torch.zeros(1, 2), torch.tensor([0]), num_valid_classes=2)
+    assert qr.record(torch.tensor([first])) == 1
+    if second is not None:
+        qr.record(torch.tensor([second]))
+    assert qr.pool["logits"][0].tolist() == stored
+    assert qr.pool["quality"][0].item() == logit_quality(torch.tensor([stored]), torch.tensor([0])).item()
+
+
+def test_record_chunks_and_extra_columns():
+    qr = QRBuffer()
+    qr.begin_task(0, torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]), num_valid_classes=2)
+    qr.record(torch.tensor([[2.0, 0.0, PAD], [0.0, 1.0, PAD]]), indices=torch.tensor([0, 3]))
+    assert qr.pool["recorded"].tolist() == [True, False, False, True]
+    assert qr.pool["logits"][3].tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="expects logits"):
+        qr.record(torch.zeros(4, 1))
+
+
+# ------------------------------------------------------------------------------------- selection/budget
+
+
+@pytest.mark.parametrize(
+    "available, budget, per_class, expected",
+    [
+        ([10, 10, 10], 9, None, [3, 3, 3]),
+        ([10, 10, 10], 10, None, [4, 3, 3]),
+        ([1, 10, 10], 9, None, [1, 4, 4]),
+        ([10, 10], None, 3, [3, 3]),
+        ([10, 2, 10], 20, 5, [5, 2, 5]),
+        ([5, 5], 0, None, [0, 0]),
+        ([1, 1, 1], 2, None, [1, 1, 0]),
+    ],
+)
+def test_balanced_quota(available, budget, per_class, expected):
+    assert balanced_quota(available, budget, per_class) == expected
+
+
+def test_class_balanced_indices_deterministic():
+    labels = torch.tensor([0, 1, 0, 1, 2, 0, 0, 1])
+    a = class_balanced_indices(labels, 2, seed=3)
+    assert torch.equal(a, class_balanced_indices(labels, 2, seed=3))
+    assert torch.bincount(labels[a]).tolist() == [2, 2, 1]
+    assert torch.equal(a, torch.sort(a).values)
+
+
+def _run_task(qr: QRBuffer, task: int, n_classes: int, per_class: int, cil_offset: int = 0, feat: int = 3):
+    """Open a pool, record two epochs of logits with known margins, close the task."""
+    n_valid = cil_offset + n_classes
+    y = torch.arange(cil_offset, n_valid).repeat_interleave(per_class)
+    x = torch.arange(len(y)).float()[:, None].repeat(1, feat) + 100 * task
+    qr.begin_task(task, x, y, num_valid_classes=n_valid)
+    for epoch in range(2):
+        logits = torch.zeros(len(y), n_valid)
+        # margin grows with the pool position and the epoch: the last samples of each class are best
+        logits[torch.arange(len(y)), y] = 1.0 + torch.arange(len(y)).float() % per_class + epoch
+        qr.record(logits)
+    return qr.end_task()
+
+
+def test_end_task_budget_balance_and_shrinking():
+    qr = QRBuffer(QRConfig(budget=12))
+    counts = _run_task(qr, 0, n_classes=2, per_class=10)
+    assert counts == {(0, 0): 6, (0, 1): 6}
+    counts = _run_task(qr, 1, n_classes=2, per_class=10)
+    assert counts == {(0, 0): 3, (0, 1): 3, (1, 0): 3, (1, 1): 3}
+    counts = _run_task(qr, 2, n_classes=3, per_class=10)
+    assert len(qr) == 12 and sorted(counts.values()) == [1, 1, 2, 2, 2, 2, 2]
+    # highest quality kept: margins are 1 + position-in-class + 1 (second epoch): the best are 11, 10, ...
+    b = qr.buffer
+    for (t, y), n in counts.items():
+        sel = (b["task"] == t) & (b["y"] == y)
+        assert sorted(b["quality"][sel].tolist(), reverse=True) == [11.0, 10.0][:n]
+    assert set(b["num_valid"].tolist()) == {2, 3}
+
+
+def test_end_task_cil_logits_width_and_per_class_only():
+    qr = QRBuffer(QRConfig(budget=None, per_class=2))
+    _run_task(qr, 0, n_classes=2, per_class=5)
+    counts = _run_task(qr, 1, n_classes=2, per_class=5, cil_offset=2)
+    assert counts == {(0, 0): 2, (0, 1): 2, (1, 2): 2, (1, 3): 2}
+    b = qr.buffer
+    assert b["logits"].shape == (8, 4)
+    old = b["task"] == 0
+    assert (b["logits"][old, 2:] == 0).all() and b["num_valid"][old].eq(2).all()
+    assert b["num_valid"][~old].eq(4).all()
+
+
+def test_end_task_prefers_correct_samples():
+    qr = QRBuffer(QRConfig(budget=2))
+    qr.begin_task(0, torch.randn(4, 2), torch.tensor([0, 0, 1, 1]), num_valid_classes=2)
+    qr.record(torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0], [1.0, 0.0]]))
+    qr.end_task()
+    assert qr.buffer["quality"].tolist() == [2.0, 3.0]
+
+
+def test_reservoir_selection_budget_and_seed():
+    def run(seed):
+        qr = QRBuffer(QRConfig(budget=7, selection="reservoir", seed=seed))
+        for t in range(3):
+            _run_task(qr, t, n_classes=2, per_class=6)
+            assert len(qr) == min(7, 12 * (t + 1))
+        return qr.buffer["x"]
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_end_task_requires_records_and_pool():
+    qr = QRBuffer()
+    with pytest.raises(RuntimeError, match="begin_task"):
+        qr.end_task()
+    qr.begin_task(0, torch.zeros(2, 3), torch.tensor([0, 1]), 2)
+    with pytest.raises(RuntimeError, match="record"):
+        qr.end_task()
+    with pytest.raises(ValueError, match="labels"):
+        qr.begin_task(1, torch.zeros(2, 3), torch.tensor([0, 5]), 2)
+
+
+def test_pool_per_class():
+    qr = QRBuffer(QRConfig(budget=20, pool_factor=2.0))
+    assert qr.pool_per_class(4) == 10
+    assert QRBuffer(QRConfig(budget=100, per_class=3, pool_factor=1.5)).pool_per_class(2) == 5
+
+
+# ------------------------------------------------------------------------------------------------ replay
+
+
+def _filled_buffer(**cfg) -> QRBuffer:
+    qr = QRBuffer(QRConfig(budget=16, **cfg))
+    _run_task(qr, 0, n_classes=2, per_class=6)
+    _run_task(qr, 1, n_classes=3, per_class=6)
+    return qr
+
+
+def test_sample_is_deterministic_for_a_seed():
+    qr = _filled_buffer()
+    a = qr.sample(5, torch.Generator().manual_seed(7))
+    b = qr.sample(5, torch.Generator().manual_seed(7))
+    c = qr.sample(5, torch.Generator().manual_seed(8))
+    assert torch.equal(a.index, b.index) and torch.equal(a.x, b.x) and torch.equal(a.logits, b.logits)
+    assert not torch.equal(a.index, c.index)
+    assert len(set(a.index.tolist())) == 5  # without replacement
+    assert qr.sample(40, torch.Generator().manual_seed(0)).x.shape[0] == 40  # with replacement
+    assert torch.equal(a.mask, torch.arange(a.logits.shape[1])[None] < a.num_valid[:, None])
+
+
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+def test_replay_loss_wider_cil_student(loss):
+    qr = _filled_buffer(loss=loss, ce_weight=0.5, lambda_replay=2.0)
+    batch = qr.sample(8, torch.Generator().manual_seed(0))
+    width = batch.logits.shape[1]
+    student = torch.randn(8, width)
+    ref = qr.replay_loss(student, batch)
+    wider = torch.cat([student, torch.randn(8, 4) * 50], dim=1)  # new classes the stored logits never saw
+    got = qr.replay_loss(wider, batch)
+    assert set(got) == {"qr", "qr_ce"}
+    for k in got:
+        assert got[k].item() == pytest.approx(ref[k].item(), rel=1e-6)
+    distill = create_distill_loss(loss, **({"temperature": 2.0} if loss == "kl" else {}))
+    assert ref["qr"].item() == pytest.approx(
+        2.0 * distill(student, batch.logits, batch.mask).item(), rel=1e-6
+    )
+
+
+def test_replay_loss_padded_til_student_matches_per_task():
+    qr = _filled_buffer()
+    batch = qr.sample(10, torch.Generator().manual_seed(1))
+    assert set(batch.task.tolist()) == {0, 1}
+    student = torch.full((10, 3), PAD)
+    for i, nv in enumerate(batch.num_valid.tolist()):
+        student[i, :nv] = torch.randn(nv)
+    got = qr.replay_loss(student, batch)["qr"]
+    per = [
+        kl_distill(student[i : i + 1, :nv], batch.logits[i : i + 1, :nv]).item()
+        for i, nv in enumerate(batch.num_valid.tolist())
+    ]
+    assert got.item() == pytest.approx(sum(per) / len(per), rel=1e-5)
+    assert "qr_ce" not in qr.replay_loss(student, batch)
+    with pytest.raises(ValueError, match="columns"):
+        qr.replay_loss(student[:, :2], batch)
+
+
+def test_gradients_flow_to_student_only():
+    qr = _filled_buffer(ce_weight=1.0)
+    batch = qr.sample(6, torch.Generator().manual_seed(0))
+    student = torch.randn(6, 5, requires_grad=True)
+    terms = qr.replay_loss(student, batch)
+    sum(terms.values()).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    width = batch.logits.shape[1]
+    assert width < 5 and (student.grad[:, width:] == 0).all()  # columns no stored sample knows
+    assert (student.grad[:, :width][~batch.mask] == 0).all()
+    assert all(not t.requires_grad for t in qr.buffer.values())
+    assert not qr._bank or all(not b.requires_grad for b in qr._bank.values())
+    # the in-task term: the bank entry is a constant
+    logits = torch.randn(4, 3, requires_grad=True)
+    qr.update_bank(logits, torch.tensor([0, 1, 2, 0]), task=2)
+    qr.update_bank(torch.eye(3) * 5, torch.arange(3), task=2)
+    qr.in_task_loss(logits, torch.tensor([0, 1, 2, 0]), task=2).backward()
+    assert logits.grad is not None and not qr._bank[2].requires_grad
+
+
+# ---------------------------------------------------------------------------------------- checkpointing
+
+
+def test_state_dict_round_trip_through_safetensors_and_json(tmp_path):
+    qr = _filled_buffer(ce_weight=0.3)
+    qr.update_bank(torch.eye(3) * 4, torch.arange(3), task=1)
+    # an open pool with records is part of the state too
+    qr.begin_task(2, torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), num_valid_classes=7)
+    qr.record(torch.randn(4, 7))
+    state = qr.state_dict()
+    save_file(state["tensors"], tmp_path / "qr.safetensors")
+    (tmp_path / "qr.json").write_text(json.dumps(state["meta"]))
+
+    restored = QRBuffer(QRConfig(budget=16, ce_weight=0.3))
+    restored.load_state_dict(
+        {
+            "tensors": load_file(tmp_path / "qr.safetensors"),
+            "meta": json.loads((tmp_path / "qr.json").read_text()),
+        }
+    )
+    assert len(restored) == len(qr) and restored.class_counts() == qr.class_counts()
+    for k, v in qr.buffer.items():
+        assert torch.equal(restored.buffer[k], v), k
+    for k, v in qr.pool.items():
+        assert torch.equal(restored.pool[k], v), k
+    assert torch.equal(restored._bank[1], qr._bank[1]) and restored.running_ce(1) == qr.running_ce(1)
+    # the internal generator is restored: the next default sample is the same
+    a, b = qr.sample(6), restored.sample(6)
+    assert torch.equal(a.index, b.index)
+    student = torch.randn(6, 5)
+    la, lb = qr.replay_loss(student, a), restored.replay_loss(student, b)
+    assert all(torch.equal(la[k], lb[k]) for k in la)
+    logits = torch.randn(3, 3)
+    assert torch.equal(
+        qr.in_task_loss(logits, torch.arange(3), 1), restored.in_task_loss(logits, torch.arange(3), 1)
+    )
+    # both finish the task identically
+    assert qr.end_task() == restored.end_task()
+
+
+def test_load_state_rejects_unknown_tensors():
+    qr = _filled_buffer()
+    state = qr.state_dict()
+    state["tensors"]["buffer.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="unexpected"):
+        QRBuffer(QRConfig(budget=16)).load_state_dict(state)
+
+
+def test_empty_state_round_trip(tmp_path):
+    state = QRBuffer().state_dict()
+    save_file(state["tensors"], tmp_path / "s.safetensors")
+    fresh = QRBuffer()
+    fresh.load_state_dict(
+        {"tensors": load_file(tmp_path / "s.safetensors"), "meta": json.loads(json.dumps(state["meta"]))}
+    )
+    assert len(fresh) == 0 and fresh.nbytes() == 0
+
+
+def test_nbytes_matches_stored_tensors():
+    qr = _filled_buffer()
+    b = qr.buffer
+    n = len(qr)
+    w = b["logits"].shape[1]
+    # x float32 (3 features), y/task/num_valid int64, logits float32, quality/key float32
+    assert qr.nbytes() == n * (3 * 4 + 3 * 8 + w * 4 + 2 * 4)
+    assert qr.nbytes() == sum(t.numel() * t.element_size() for t in b.values())
