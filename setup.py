@@ -19,7 +19,6 @@ setup(
     python_requires=">=3.10",
     packages=["cmtl", "cmtl.strategies", "cmtl.scenarios"],
     package_dir={"cmtl": "cmtl", "cmtl.strategies": "strategies", "cmtl.scenarios": "scenarios"},
-    package_data={"cmtl": ["configs/*.yaml"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

@@ -1,0 +1,5 @@
+import sys
+
+from cmtl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""Classifier heads: one linear head per task (task-incremental) or one growing head (class-incremental).
+
+Both keep one `nn.Linear` per task in a `ModuleList`, so adding a task never replaces existing
+parameters (an optimizer holding them stays valid). In class-incremental mode the per-task chunks
+are concatenated: that is exactly one head whose rows grow as classes arrive.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODES = ("til", "cil")
+# fills logit columns a task's head does not have when a batch mixes tasks of different widths
+PAD_LOGIT = -1e4
+
+
+class TaskHeads(nn.Module):
+    """Per-task linear heads (`mode="til"`) or one class-incremental head (`mode="cil"`)."""
+
+    def __init__(self, in_features: int, mode: str = "til"):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown head mode {mode!r}; valid: {', '.join(MODES)}")
+        self.in_features = in_features
+        self.mode = mode
+        self.heads = nn.ModuleList()
+
+    @property
+    def classes_per_task(self) -> list[int]:
+        return [h.out_features for h in self.heads]
+
+    @property
+    def num_classes(self) -> int:
+        """Output width: all classes so far (CIL) or the widest task head (TIL)."""
+        widths = self.classes_per_task
+        return (sum(widths) if self.mode == "cil" else max(widths)) if widths else 0
+
+    def add_task(self, num_classes: int) -> nn.Linear:
+        """Append the head (or head rows) for a new task with `num_classes` classes."""
+        if num_classes <= 0:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        ref = next(self.parameters(), None)
+        head = nn.Linear(self.in_features, num_classes, device=ref.device if ref is not None else None)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        self.heads.append(head)
+        return head
+
+    def forward(self, features: torch.Tensor, task_labels: torch.Tensor | int | None = None) -> torch.Tensor:
+        if not self.heads:
+            raise RuntimeError("the model has no task yet; call add_task(num_classes) first")
+        if self.mode == "cil":
+            return torch.cat([h(features) for h in self.heads], dim=-1)
+        if task_labels is None:
+            if len(self.heads) == 1:
+                return self.heads[0](features)
+            raise ValueError(
+                f"a task-incremental model with {len(self.heads)} tasks needs task_labels "
+                f"(0..{len(self.heads) - 1})"
+            )
+        if isinstance(task_labels, int):
+            return self._head(task_labels)(features)
+        task_labels = task_labels.to(features.device)
+        tasks = torch.unique(task_labels).tolist()
+        if len(tasks) == 1:
+            return self._head(int(tasks[0]))(features)
+        out = features.new_full((features.shape[0], self.num_classes), PAD_LOGIT)
+        for t in tasks:
+            idx = (task_labels == t).nonzero(as_tuple=True)[0]
+            logits = self._head(int(t))(features[idx])
+            out[idx, : logits.shape[1]] = logits
+        return out
+
+    def _head(self, task: int) -> nn.Linear:
+        if not 0 <= task < len(self.heads):
+            raise ValueError(f"task label {task} has no head; valid: 0..{len(self.heads) - 1}")
+        return self.heads[task]
+
+    def merged_cil_head(self) -> nn.Linear:
+        """The class-incremental chunks as one `nn.Linear` (for snapshots and plain inference)."""
+        w = torch.cat([h.weight for h in self.heads])
+        b = torch.cat([h.bias for h in self.heads])
+        head = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            head.weight.copy_(w)
+            head.bias.copy_(b)
+        return head
