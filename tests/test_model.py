@@ -238,3 +238,14 @@ def test_vit_base_parameter_count_matches_emtal_scale():
     # 12 blocks x (fc1 experts 61,440 + fc2 15,360 + qkv 12,288 + proj 6,144 + router 12,288)
     assert counts["adapter"] == 1_290_240 and counts["routers"] == 147_456
     assert 1.0e6 <= counts["adapter"] <= 1.4e6
+
+
+def test_offline_pretrained_names_checkpoint_option(monkeypatch):
+    import cmtl.backbone as bb
+
+    def offline(*a, **k):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(bb.timm, "create_model", offline)
+    with pytest.raises(ValueError, match="set the `checkpoint` option"):
+        create_backbone("vit_tiny_patch16_224", pretrained=True)
