@@ -1,0 +1,169 @@
+"""The EMTAL continual procedure, framework-free: adapters per task, fading, QR, consolidation.
+
+A training loop (or the Avalanche plugin in `cmtl.strategies`) calls, per task:
+
+    ctl.start_task(num_classes, pool_x, pool_y)
+    for each step: ctl.on_step(total_steps); loss = ce + sum(ctl.losses(logits, y).values())
+                   ...backward/step...; ctl.after_step(logits, y)
+    after each epoch: ctl.record_pool()
+    ctl.end_task()
+and `ctl.end_stream()` at the end, which consolidates whatever is still open.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from cmtl.model import CMTLModel
+from cmtl.qr import QRBuffer, QRConfig, class_balanced_indices
+
+logger = logging.getLogger(__name__)
+
+
+def fading_coefficient(step: int, total: int, start: float = 0.0, end: float = 0.55) -> float:
+    """EMTAL's linear ramp: a = 1 before `start`, 0 after `end` (fractions of the task's steps)."""
+    if total <= 0:
+        return 0.0
+    frac = step / total
+    if frac <= start:
+        return 1.0
+    if frac >= end:
+        return 0.0
+    return 1.0 - (frac - start) / (end - start)
+
+
+@dataclass
+class EMTALConfig:
+    """Settings of the continual procedure.
+
+    Attributes:
+        fading_start, fading_end: fractions of a task's steps over which a goes 1 -> 0.
+        fading: False keeps the routers on until the task ends (the `emtal_no_fading` ablation);
+            they are then switched off at once so the merge stays exact.
+        consolidate_every: merge the open adapters every `k` tasks (and at the end of the stream).
+        qr: QR buffer settings; None disables QR (the `emtal_no_qr` ablation).
+    """
+
+    fading_start: float = 0.0
+    fading_end: float = 0.55
+    fading: bool = True
+    consolidate_every: int = 1
+    qr: QRConfig | None = field(default_factory=QRConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fading_start <= self.fading_end <= 1.0:
+            raise ValueError(
+                f"fading_start={self.fading_start}, fading_end={self.fading_end}: need 0 <= start <= end <= 1"
+            )
+        if self.consolidate_every < 1:
+            raise ValueError(f"consolidate_every={self.consolidate_every} must be >= 1")
+
+
+class EMTALController:
+    """Drives a `CMTLModel` and a `QRBuffer` through a stream of tasks."""
+
+    def __init__(self, model: CMTLModel, config: EMTALConfig | None = None, pool_batch_size: int = 256):
+        self.model = model
+        self.config = config or EMTALConfig()
+        self.qr = QRBuffer(self.config.qr) if self.config.qr is not None else None
+        self.pool_batch_size = pool_batch_size
+        self.task = -1
+        self.step = 0
+        self.tasks_since_merge = 0
+
+    @property
+    def adapter(self) -> str | None:
+        return self.model.open_adapters[-1] if self.model.open_adapters else None
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def start_task(
+        self, num_classes: int, pool_x: torch.Tensor | None = None, pool_y: torch.Tensor | None = None
+    ) -> int:
+        """Add the task's adapter and head; register its un-augmented candidate pool with QR."""
+        self.task = self.model.add_task(num_classes)
+        self.step = 0
+        if self.qr is not None and pool_x is not None:
+            width = num_classes if self.model.mode == "til" else self.model.heads.num_classes
+            self.qr.begin_task(self.task, pool_x.cpu(), pool_y.cpu(), num_valid_classes=width)
+        return self.task
+
+    def pool_indices(self, targets: torch.Tensor, num_classes: int, seed: int = 0) -> torch.Tensor:
+        """Which training samples (by index) form the candidate pool of a task."""
+        per_class = self.qr.pool_per_class(num_classes) if self.qr is not None else 0
+        return class_balanced_indices(targets, per_class, seed=seed) if per_class else targets[:0].long()
+
+    def on_step(self, total_steps: int) -> float:
+        """Apply the fading schedule for the current step; returns a."""
+        cfg = self.config
+        a = (
+            fading_coefficient(self.step, total_steps, cfg.fading_start, cfg.fading_end)
+            if cfg.fading
+            else 1.0
+        )
+        if self.adapter is not None:
+            self.model.set_fading(a, self.adapter)
+        self.step += 1
+        return a
+
+    def _head_arg(self, task: torch.Tensor | int) -> torch.Tensor | int | None:
+        return task if self.model.mode == "til" else None
+
+    def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """QR terms to add to the task loss: in-task (EMTAL) and replay on a buffer batch."""
+        out: dict[str, torch.Tensor] = {}
+        if self.qr is None:
+            return out
+        out["qr_in"] = self.qr.in_task_loss(logits, targets, self.task)
+        if len(self.qr):
+            batch = self.qr.sample(targets.shape[0], device=logits.device)
+            student = self.model(batch.x, self._head_arg(batch.task))
+            out.update(self.qr.replay_loss(student, batch))
+        return out
+
+    def after_step(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.qr is not None:
+            self.qr.update_bank(logits.detach(), targets, self.task)
+
+    @torch.no_grad()
+    def record_pool(self) -> None:
+        """Evaluate the pool and keep each sample's logits if their quality improved."""
+        if self.qr is None or self.qr.pool_task != self.task:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        x = self.qr.pool["x"]
+        chunks = [
+            self.model(x[i : i + self.pool_batch_size].to(self._device()), self._head_arg(self.task)).cpu()
+            for i in range(0, len(x), self.pool_batch_size)
+        ]
+        if chunks:
+            self.qr.record(torch.cat(chunks))
+        self.model.train(was_training)
+
+    def end_task(self) -> bool:
+        """Fade fully, fill the buffer, consolidate every `k` tasks; returns True if it merged."""
+        if self.adapter is not None:
+            self.model.set_fading(0.0, self.adapter)
+        if self.qr is not None and self.qr.pool_task == self.task:
+            self.qr.end_task()
+        self.tasks_since_merge += 1
+        if self.tasks_since_merge >= self.config.consolidate_every:
+            return self.consolidate()
+        return False
+
+    def consolidate(self) -> bool:
+        if not self.model.open_adapters:
+            return False
+        self.model.set_fading(0.0)
+        self.model.consolidate()
+        self.tasks_since_merge = 0
+        logger.info("consolidated after task %d", self.task)
+        return True
+
+    def end_stream(self) -> bool:
+        return self.consolidate()

@@ -1,0 +1,86 @@
+"""EMTAL as an Avalanche plugin: a thin adapter from Avalanche callbacks to `EMTALController`."""
+
+from __future__ import annotations
+
+import torch
+from avalanche.models import MultiTaskModule
+from avalanche.training.plugins import SupervisedPlugin
+
+from cmtl.continual import EMTALConfig, EMTALController
+from cmtl.model import CMTLModel
+
+
+class AvalancheCMTL(MultiTaskModule):
+    """Lets Avalanche pass task labels to a `CMTLModel` (it only does so for a MultiTaskModule)."""
+
+    def __init__(self, model: CMTLModel):
+        super().__init__()
+        self.cmtl = model
+
+    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.cmtl(x, task_labels if self.cmtl.mode == "til" else None)
+
+    def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
+        return self.cmtl(x, task_label if self.cmtl.mode == "til" else None)
+
+
+def _cmtl(model: torch.nn.Module) -> CMTLModel:
+    inner = getattr(model, "cmtl", model)
+    if not isinstance(inner, CMTLModel):
+        raise TypeError(f"EMTALPlugin needs AvalancheCMTL(CMTLModel(...)), got {type(model).__name__}")
+    return inner
+
+
+class EMTALPlugin(SupervisedPlugin):
+    """Adds an adapter + head per experience, fades routers, adds QR losses, consolidates.
+
+    Use with any `SupervisedTemplate` whose model is `AvalancheCMTL(CMTLModel(...))`. Adapters are
+    keyed on the experience index (class-incremental streams give every experience task label 0).
+    """
+
+    def __init__(self, config: EMTALConfig | None = None, pool_batch_size: int = 256):
+        super().__init__()
+        self.config = config or EMTALConfig()
+        self.pool_batch_size = pool_batch_size
+        self.controller: EMTALController | None = None
+        self.last_losses: dict[str, float] = {}
+
+    def _ctl(self, strategy) -> EMTALController:
+        model = _cmtl(strategy.model)
+        if self.controller is None or self.controller.model is not model:
+            self.controller = EMTALController(model, self.config, self.pool_batch_size)
+        return self.controller
+
+    # parameters added here are picked up by the optimizer Avalanche builds afterwards
+    def before_train_dataset_adaptation(self, strategy, **kwargs):
+        ctl = self._ctl(strategy)
+        exp = strategy.experience
+        num_classes = len(exp.classes_in_this_experience)
+        pool_x = pool_y = None
+        if ctl.qr is not None:
+            data = exp.dataset.eval()
+            targets = torch.as_tensor(list(data.targets))
+            idx = ctl.pool_indices(targets, num_classes, seed=exp.current_experience)
+            if len(idx):
+                items = [data[int(i)] for i in idx]
+                pool_x = torch.stack([it[0] for it in items])
+                pool_y = torch.as_tensor([int(it[1]) for it in items])
+        ctl.start_task(num_classes, pool_x, pool_y)
+
+    def before_training_iteration(self, strategy, **kwargs):
+        self.controller.on_step(strategy.train_epochs * len(strategy.dataloader))
+
+    def before_backward(self, strategy, **kwargs):
+        terms = self.controller.losses(strategy.mb_output, strategy.mb_y)
+        for v in terms.values():
+            strategy.loss = strategy.loss + v
+        self.last_losses = {k: float(v.detach()) for k, v in terms.items()}
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self.controller.after_step(strategy.mb_output, strategy.mb_y)
+
+    def after_training_epoch(self, strategy, **kwargs):
+        self.controller.record_pool()
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.controller.end_task()

@@ -1,0 +1,94 @@
+"""EMTALPlugin inside a plain Avalanche Naive strategy on a small digits stream."""
+
+import pytest
+import torch
+
+from cmtl.continual import EMTALConfig, fading_coefficient
+from cmtl.model import AdapterConfig, CMTLModel
+from cmtl.qr import QRConfig
+
+
+@pytest.mark.parametrize(
+    "step,total,expected", [(0, 100, 1.0), (55, 100, 0.0), (99, 100, 0.0), (27, 100, 1 - 27 / 55)]
+)
+def test_fading_schedule(step, total, expected):
+    assert fading_coefficient(step, total) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("mode", ["til", "cil"])
+def test_naive_with_emtal_plugin_trains_three_experiences(mode):
+    from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
+    from cmtl.scenarios import create_scenario
+    from cmtl.strategies import AvalancheCMTL, EMTALPlugin
+    from timm.models.vision_transformer import VisionTransformer
+
+    stream = create_scenario(
+        "digits", mode=mode, n_tasks=3, classes_per_task=2, image_size=16, max_per_class=40
+    )
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    model = AvalancheCMTL(CMTLModel(vit, AdapterConfig(num_experts=4, rank=2), mode=mode))
+    plugin = EMTALPlugin(EMTALConfig(qr=QRConfig(budget=24)))
+    events = []
+
+    class Spy(SupervisedPlugin):
+        def before_training_exp(self, strategy, **kw):
+            held = {id(p) for g in strategy.optimizer.param_groups for p in g["params"]}
+            newest = model.cmtl.adapter_parameters()
+            events.append(("optimizer_holds_adapter", bool(newest) and all(id(p) in held for p in newest)))
+
+        def before_training_iteration(self, strategy, **kw):
+            if not events or events[-1][0] != "iter":
+                events.append(("iter", None))
+
+        def after_training_exp(self, strategy, **kw):
+            events.append(("faded", model.cmtl.fading()))
+
+    evaluator = EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True), forgetting_metrics(experience=True), loggers=[]
+    )
+    strategy = Naive(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-3),
+        train_mb_size=16,
+        eval_mb_size=64,
+        train_epochs=2,
+        plugins=[plugin, Spy()],
+        evaluator=evaluator,
+    )
+    for exp in stream.benchmark.train_stream:
+        strategy.train(exp)
+        metrics = strategy.eval(stream.benchmark.test_stream[: exp.current_experience + 1])
+    cmtl = model.cmtl
+    assert cmtl.num_tasks == 3 and cmtl.open_adapters == [] and len(cmtl.merged_adapters) == 3
+    assert len(plugin.controller.qr) == 24
+    assert any(k.startswith("Top1_Acc_Stream") for k in metrics)
+    assert any("Forgetting" in k for k in metrics)
+    # each experience: the new adapter is in the optimizer, training runs, and the router is at 0
+    # by the end of the experience (EMTALPlugin runs first, so it has already merged)
+    assert [e[0] for e in events] == ["optimizer_holds_adapter", "iter", "faded"] * 3
+    assert all(e[1] for e in events if e[0] == "optimizer_holds_adapter")
+    assert "qr" in plugin.last_losses and "qr_in" in plugin.last_losses
+
+
+def test_controller_fades_to_exactly_zero_and_merges_every_k():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cmtl.continual import EMTALController
+
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    ctl = EMTALController(
+        CMTLModel(vit, AdapterConfig(num_experts=4, rank=2)), EMTALConfig(consolidate_every=2)
+    )
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 2
+    for task in range(2):
+        ctl.start_task(2, x, y)
+        assert ctl.on_step(10) == 1.0
+        for _ in range(9):
+            ctl.on_step(10)
+        assert ctl.model.fading()[f"task{task}"] == 0.0
+        ctl.record_pool()
+        merged = ctl.end_task()
+        assert merged == (task == 1)
+    assert ctl.model.open_adapters == [] and len(ctl.qr) > 0
