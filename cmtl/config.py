@@ -392,7 +392,8 @@ class ScenarioConfig(_Section):
         max_test_per_class: Test images kept per class; None keeps all.
         image_size: Input resolution; None takes the model's.
         augment: Random-resized-crop style augmentation while training.
-        flip: Random horizontal flips while training (off for digits and text).
+        flip: Random horizontal flips while training; None uses the dataset's own default
+            (off for digits, MNIST and SVHN, on elsewhere).
         options: Builder-specific options (path, root, download, datasets, test_fraction, ...).
     """
 
@@ -407,7 +408,7 @@ class ScenarioConfig(_Section):
     max_test_per_class: int | None = None
     image_size: int | None = None
     augment: bool = True
-    flip: bool = True
+    flip: bool | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def _check_values(self) -> None:
