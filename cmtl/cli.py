@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from cmtl.config import ConfigError, load_config
+from cmtl.continual import fading_coefficient
 from cmtl.model import AdapterConfig, CMTLModel
 
 
@@ -57,9 +58,8 @@ def demo(config: str | None, overrides: list[str]) -> int:
         for _ in range(st.epochs):
             model.train()
             for x, y, _ in loader:
-                # router fading: a goes linearly 1 -> 0 over [fading_start, fading_end] of the steps
-                frac = (step / steps - st.fading_start) / max(st.fading_end - st.fading_start, 1e-9)
-                model.set_fading(float(min(max(1.0 - frac, 0.0), 1.0)), f"task{t}")
+                a = fading_coefficient(step, steps, st.fading_start, st.fading_end)
+                model.set_fading(a, f"task{t}")
                 loss = F.cross_entropy(model(x, t), y)
                 opt.zero_grad()
                 loss.backward()
