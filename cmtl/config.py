@@ -24,6 +24,9 @@ from typing import Any, ClassVar, Union
 
 import yaml
 
+from cmtl import optim
+from cmtl.losses import list_distill_losses
+from cmtl.qr import SELECTIONS
 from cmtl.registry import closest
 
 __all__ = [
@@ -55,10 +58,10 @@ STRATEGY_NAMES: tuple[str, ...] = (
     "joint",
 )
 MODES = ("til", "cil")
-OPTIMIZERS = ("adamw", "sgd", "adam")
-SCHEDULERS = ("cosine", "none")
-BUFFER_SELECTIONS = ("balanced", "reservoir")
-QR_LOSSES = ("kl", "mse")
+OPTIMIZERS = optim.OPTIMIZERS
+SCHEDULERS = optim.SCHEDULES
+BUFFER_SELECTIONS = SELECTIONS
+QR_LOSSES = tuple(list_distill_losses())
 
 _MAX_SEED = 2**32  # numpy's seed range
 _MAX_DEPTH = 16  # nesting allowed inside free-form mappings

@@ -65,7 +65,9 @@ class EMTALConfig:
 class EMTALController:
     """Drives a `CMTLModel` and a `QRBuffer` through a stream of tasks."""
 
-    def __init__(self, model: CMTLModel, config: EMTALConfig | None = None, pool_batch_size: int = 256):
+    def __init__(
+        self, model: CMTLModel | None, config: EMTALConfig | None = None, pool_batch_size: int = 256
+    ):
         self.model = model
         self.config = config or EMTALConfig()
         self.qr = QRBuffer(self.config.qr) if self.config.qr is not None else None
@@ -167,3 +169,23 @@ class EMTALController:
 
     def end_stream(self) -> bool:
         return self.consolidate()
+
+    def state_dict(self) -> dict:
+        """The stream position and the QR buffer: `{"tensors": {...}, "meta": {...}}` (tensors + JSON)."""
+        meta = {"task": self.task, "step": self.step, "tasks_since_merge": self.tasks_since_merge}
+        tensors: dict[str, torch.Tensor] = {}
+        if self.qr is not None:
+            qr = self.qr.state_dict()
+            tensors = {f"qr.{k}": v for k, v in qr["tensors"].items()}
+            meta["qr"] = qr["meta"]
+        return {"tensors": tensors, "meta": meta}
+
+    def load_state_dict(self, state: dict) -> None:
+        meta, tensors = state["meta"], state["tensors"]
+        if (self.qr is None) != ("qr" not in meta):
+            raise ValueError("state and controller disagree on whether a QR buffer is used")
+        self.task, self.step = int(meta["task"]), int(meta["step"])
+        self.tasks_since_merge = int(meta["tasks_since_merge"])
+        if self.qr is not None:
+            qr_tensors = {k[3:]: v for k, v in tensors.items() if k.startswith("qr.")}
+            self.qr.load_state_dict({"tensors": qr_tensors, "meta": meta["qr"]})

@@ -17,7 +17,10 @@ class AvalancheCMTL(MultiTaskModule):
         super().__init__()
         self.cmtl = model
 
-    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | None = None):
+        """Logits for `task_labels`; with None, Avalanche's convention: {task: logits} of every known task."""
+        if task_labels is None:
+            return self.forward_all_tasks(x)
         return self.cmtl(x, task_labels if self.cmtl.mode == "til" else None)
 
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
@@ -44,12 +47,31 @@ class EMTALPlugin(SupervisedPlugin):
         self.pool_batch_size = pool_batch_size
         self.controller: EMTALController | None = None
         self.last_losses: dict[str, float] = {}
+        self._pending_state: dict | None = None
 
     def _ctl(self, strategy) -> EMTALController:
         model = _cmtl(strategy.model)
         if self.controller is None or self.controller.model is not model:
             self.controller = EMTALController(model, self.config, self.pool_batch_size)
+            if self._pending_state is not None:
+                self.controller.load_state_dict(self._pending_state)
+                self._pending_state = None
         return self.controller
+
+    def state_dict(self) -> dict:
+        """Stream position and QR buffer as `{"tensors": ..., "meta": ...}` (see `EMTALController`)."""
+        if self.controller is None:
+            return (
+                self._pending_state or EMTALController(None, self.config).state_dict()
+            )  # the untrained state
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; applied when the plugin first sees its model if it has none yet."""
+        if self.controller is None:
+            self._pending_state = state
+        else:
+            self.controller.load_state_dict(state)
 
     # parameters added here are picked up by the optimizer Avalanche builds afterwards
     def before_train_dataset_adaptation(self, strategy, **kwargs):
@@ -84,3 +106,7 @@ class EMTALPlugin(SupervisedPlugin):
 
     def after_training_exp(self, strategy, **kwargs):
         self.controller.end_task()
+        exp = strategy.experience
+        stream = getattr(exp, "origin_stream", None)
+        if stream is not None and exp.current_experience == len(stream) - 1:
+            self.controller.end_stream()  # consolidate what `consolidate_every` left open

@@ -180,7 +180,7 @@ BAD_FILES = [
     ("strategy: {name: emtall}\n", "'strategy.name' is 'emtall' (did you mean 'emtal'?); valid: emtal, "),
     ("strategy: {name: foo}\n", "valid: emtal, emtal_no_qr, emtal_no_moe, emtal_no_fading, naive"),
     ("strategy: {optimizer: adamx}\n", "'strategy.optimizer' is 'adamx' (did you mean 'adam"),
-    ("strategy: {optimizer: rmsprop}\n", "valid: adamw, sgd, adam"),
+    ("strategy: {optimizer: rmsprop}\n", "valid: adamw, adam, sgd"),
     ("strategy: {scheduler: step}\n", "'strategy.scheduler' is 'step'; valid: cosine, none"),
     ("strategy: {buffer_selection: random}\n", "valid: balanced, reservoir"),
     ("strategy: {qr_loss: huber}\n", "'strategy.qr_loss' is 'huber'; valid: kl, mse"),

@@ -1,0 +1,156 @@
+"""Avalanche strategies for cmtl: the `EMTAL` template and the registered baselines, built by name.
+
+`build_strategy(spec, model, strategy_cfg, ...)` turns a `cmtl.recipes.StrategySpec` into an
+Avalanche `SupervisedTemplate` (or `JointTraining`) that every baseline shares: same optimiser,
+per-task learning-rate schedule and batch sizes; only the spec's differences apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from avalanche.training import JointTraining
+from avalanche.training.plugins import EWCPlugin, LwFPlugin, ReplayPlugin, SupervisedPlugin
+from avalanche.training.plugins.evaluation import default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+
+from cmtl.config import StrategyConfig
+from cmtl.continual import EMTALConfig
+from cmtl.model import CMTLModel
+from cmtl.optim import lr_factor, make_optimizer, set_lr
+from cmtl.recipes import StrategySpec
+
+from .emtal import AvalancheCMTL, EMTALPlugin
+
+
+class TaskLRSchedule(SupervisedPlugin):
+    """Warm-up then cosine (or constant) learning rate, restarted at every experience."""
+
+    def __init__(self, lr: float, schedule: str = "cosine", warmup_epochs: int = 0):
+        super().__init__()
+        self.lr, self.schedule, self.warmup_epochs = lr, schedule, warmup_epochs
+        self.step = 0
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.step = 0
+
+    def before_training_iteration(self, strategy, **kwargs):
+        per_epoch = len(strategy.dataloader)
+        factor = lr_factor(
+            self.step, strategy.train_epochs * per_epoch, self.warmup_epochs * per_epoch, self.schedule
+        )
+        set_lr(strategy.optimizer, self.lr * factor)
+        self.step += 1
+
+
+class _FreshOptimizer:
+    """Fresh optimiser state per experience; parameters merged away are dropped from the optimiser."""
+
+    def make_optimizer(self, **kwargs):
+        kwargs["reset_optimizer_state"] = True
+        kwargs["remove_params"] = True
+        super().make_optimizer(**kwargs)
+
+
+class CMTLStrategy(_FreshOptimizer, SupervisedTemplate):
+    """`SupervisedTemplate` with a fresh optimiser state per experience and merged parameters dropped."""
+
+
+class EMTAL(CMTLStrategy):
+    """EMTAL as an Avalanche strategy: `CMTLStrategy` with `EMTALPlugin` installed.
+
+    Args:
+        model: a `CMTLModel` (wrapped in `AvalancheCMTL` here) or an `AvalancheCMTL`.
+        optimizer: None gives AdamW(lr=1e-3, weight decay 0.01) over the model's parameters.
+        config: the EMTAL procedure (fading, QR buffer, consolidation); None uses the defaults.
+        train_mb_size, eval_mb_size: batch sizes (Avalanche's own default is 1: pass them).
+        Remaining arguments go to `SupervisedTemplate`.
+    """
+
+    def __init__(
+        self,
+        model: CMTLModel | AvalancheCMTL,
+        optimizer: torch.optim.Optimizer | None = None,
+        criterion=None,
+        config: EMTALConfig | None = None,
+        train_mb_size: int = 32,
+        train_epochs: int = 4,
+        eval_mb_size: int = 128,
+        device: str | torch.device = "cpu",
+        plugins: Sequence[SupervisedPlugin] | None = None,
+        evaluator=default_evaluator,
+        eval_every: int = -1,
+        **kwargs,
+    ):
+        net = model if isinstance(model, AvalancheCMTL) else AvalancheCMTL(model)
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+        self.emtal_plugin = EMTALPlugin(config)
+        super().__init__(
+            model=net,
+            optimizer=optimizer,
+            criterion=criterion if criterion is not None else torch.nn.CrossEntropyLoss(),
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size,
+            device=device,
+            plugins=[self.emtal_plugin, *(plugins or [])],
+            evaluator=evaluator,
+            eval_every=eval_every,
+            **kwargs,
+        )
+
+
+class CMTLJoint(_FreshOptimizer, JointTraining):
+    """Avalanche's `JointTraining` (all experiences at once), with the same optimiser handling."""
+
+
+def find_emtal_plugin(strategy) -> EMTALPlugin | None:
+    """The `EMTALPlugin` installed in `strategy`, if any."""
+    return next((p for p in strategy.plugins if isinstance(p, EMTALPlugin)), None)
+
+
+def build_strategy(
+    spec: StrategySpec,
+    model: CMTLModel,
+    st: StrategyConfig,
+    *,
+    classes_per_task: Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+    evaluator=default_evaluator,
+    plugins: Sequence[SupervisedPlugin] = (),
+) -> SupervisedTemplate:
+    """An Avalanche strategy for `spec` training `model` with the `strategy` config section.
+
+    `classes_per_task` is needed by `joint`, which creates every head before training.
+    """
+    model.set_backbone_trainable(spec.backbone_trainable)
+    net = AvalancheCMTL(model)
+    common = dict(
+        criterion=torch.nn.CrossEntropyLoss(),
+        train_mb_size=st.batch_size,
+        train_epochs=st.epochs,
+        eval_mb_size=st.eval_batch_size,
+        device=device,
+        evaluator=evaluator,
+        eval_every=-1,
+    )
+    extra: list[SupervisedPlugin] = [TaskLRSchedule(st.lr, st.scheduler, st.warmup_epochs), *plugins]
+    if spec.avalanche == "joint":
+        if classes_per_task is None:
+            raise ValueError("strategy 'joint' needs classes_per_task to create every head up front")
+        for n in classes_per_task:
+            model.add_task(n, adapter=False)
+        optimizer = make_optimizer(st.optimizer, net.parameters(), st.lr, st.weight_decay, st.momentum)
+        return CMTLJoint(model=net, optimizer=optimizer, plugins=extra, **common)
+    if spec.avalanche == "replay":
+        extra.append(ReplayPlugin(mem_size=st.buffer_size))
+    elif spec.avalanche == "lwf":
+        extra.append(LwFPlugin(alpha=st.lwf_alpha, temperature=st.lwf_temperature))
+    elif spec.avalanche == "ewc":
+        extra.append(EWCPlugin(ewc_lambda=st.ewc_lambda))
+    elif spec.avalanche is not None:
+        raise ValueError(f"unknown Avalanche component {spec.avalanche!r}; valid: joint, replay, lwf, ewc")
+    optimizer = make_optimizer(st.optimizer, net.parameters(), st.lr, st.weight_decay, st.momentum)
+    return CMTLStrategy(model=net, optimizer=optimizer, plugins=[EMTALPlugin(spec.emtal), *extra], **common)

@@ -1,0 +1,166 @@
+"""The registered strategies, the EMTAL template, plugin state round trip and end-of-stream merging."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from cmtl.config import STRATEGY_NAMES, ExperimentConfig
+from cmtl.continual import EMTALConfig
+from cmtl.model import AdapterConfig, CMTLModel
+from cmtl.qr import QRConfig
+from cmtl.recipes import list_strategies, qr_config, strategy_spec
+
+
+def _vit(size=16):
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=size, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+
+
+def _stream(mode, n_tasks=3, max_per_class=30):
+    from cmtl.scenarios import create_scenario
+
+    return create_scenario(
+        "digits", mode=mode, n_tasks=n_tasks, classes_per_task=2, image_size=16, max_per_class=max_per_class
+    )
+
+
+def _evaluator():
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    return EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
+
+
+def _small_cfg():
+    cfg = ExperimentConfig()
+    cfg.model.num_experts, cfg.model.rank = 4, 2
+    cfg.strategy.epochs, cfg.strategy.batch_size, cfg.strategy.buffer_size = 1, 16, 24
+    return cfg
+
+
+def test_registry_matches_config_names():
+    assert sorted(STRATEGY_NAMES) == list_strategies()
+    with pytest.raises(ValueError, match="did you mean 'emtal'"):
+        strategy_spec("emtall", ExperimentConfig().model, ExperimentConfig().strategy)
+
+
+def test_specs_differ_where_the_baselines_should():
+    cfg = ExperimentConfig()
+    specs = {n: strategy_spec(n, cfg.model, cfg.strategy) for n in list_strategies()}
+    assert specs["emtal"].adapter.moe and specs["emtal"].emtal.qr is not None
+    assert not specs["emtal"].backbone_trainable and specs["emtal"].emtal.fading
+    assert specs["emtal_no_qr"].emtal.qr is None
+    assert not specs["emtal_no_moe"].adapter.moe and specs["emtal_no_moe"].emtal.qr is not None
+    assert not specs["emtal_no_fading"].emtal.fading
+    assert not specs["lora"].adapter.moe and specs["lora"].emtal.qr is None
+    assert specs["der"].emtal.qr.loss == "mse" and specs["der"].emtal.qr.in_task_weight == 0
+    for name in ("naive", "der", "replay", "lwf", "ewc", "joint"):
+        assert specs[name].adapter is None and specs[name].backbone_trainable, name
+    assert {specs[n].avalanche for n in ("replay", "lwf", "ewc", "joint")} == {
+        "replay",
+        "lwf",
+        "ewc",
+        "joint",
+    }
+    # the buffer budget is the same wherever a buffer is used
+    assert specs["emtal"].emtal.qr.budget == specs["der"].emtal.qr.budget == cfg.strategy.buffer_size
+
+
+def test_qr_config_follows_strategy_section():
+    st = dataclasses.replace(
+        ExperimentConfig().strategy, buffer_size=50, qr_loss="mse", qr_in_task=False, qr_lambda=0.5
+    )
+    qr = qr_config(st, seed=3)
+    assert (qr.budget, qr.loss, qr.in_task_weight, qr.lambda_replay, qr.seed) == (50, "mse", 0.0, 0.5, 3)
+
+
+@pytest.mark.parametrize("mode", ["til", "cil"])
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_every_strategy_trains_and_evaluates(name, mode):
+    from cmtl.strategies import build_strategy
+
+    cfg = _small_cfg()
+    stream = _stream(mode, n_tasks=2, max_per_class=20)
+    spec = strategy_spec(name, cfg.model, cfg.strategy)
+    model = CMTLModel(_vit(), spec.adapter, mode=mode)
+    base = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    strategy = build_strategy(
+        spec, model, cfg.strategy, classes_per_task=stream.classes_per_task, evaluator=_evaluator()
+    )
+    if name == "joint":
+        strategy.train(stream.benchmark.train_stream)
+    else:
+        for exp in stream.benchmark.train_stream:
+            strategy.train(exp)
+    results = strategy.eval(stream.benchmark.test_stream)
+    accs = [v for k, v in results.items() if k.startswith("Top1_Acc_Exp")]
+    assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
+    # every strategy changed the backbone (full fine-tuning or merged adapters) and left it plain timm
+    changed = max((v - base[k]).abs().max().item() for k, v in model.backbone.state_dict().items())
+    assert changed > 0, name
+    assert not model.open_adapters
+    assert model.heads.classes_per_task == [2, 2]
+
+
+def test_emtal_template_installs_plugin_and_merges_at_end_of_stream():
+    from cmtl.strategies import EMTAL
+
+    stream = _stream("til")
+    model = CMTLModel(_vit(), AdapterConfig(num_experts=4, rank=2))
+    merged_after = []
+    strategy = EMTAL(
+        model,
+        config=EMTALConfig(consolidate_every=2, qr=QRConfig(budget=12)),
+        train_mb_size=16,
+        train_epochs=1,
+        eval_mb_size=64,
+        evaluator=_evaluator(),
+    )
+    assert strategy.emtal_plugin in strategy.plugins
+    for exp in stream.benchmark.train_stream:
+        strategy.train(exp)
+        merged_after.append(list(model.open_adapters))
+    # k=2: task0 stays open after exp 0, both merge after exp 1; the last task merges at stream end
+    assert merged_after == [["task0"], [], []]
+    assert len(strategy.emtal_plugin.controller.qr) <= 12
+
+
+def test_plugin_state_round_trip_keeps_buffer_and_continues(tmp_path):
+    import json
+
+    from cmtl.strategies import EMTAL, find_emtal_plugin
+    from safetensors.torch import load_file, save_file
+
+    stream = _stream("til", max_per_class=20)
+    config = EMTALConfig(qr=QRConfig(budget=12))
+    model = CMTLModel(_vit(), AdapterConfig(num_experts=4, rank=2))
+    strategy = EMTAL(model, config=config, train_mb_size=16, train_epochs=1, evaluator=_evaluator())
+    for exp in stream.benchmark.train_stream[:2]:
+        strategy.train(exp)
+    state = find_emtal_plugin(strategy).state_dict()
+    assert len(strategy.emtal_plugin.controller.qr) == 12  # 4 classes seen, 3 each
+    save_file(state["tensors"], tmp_path / "buffer.safetensors")
+    (tmp_path / "buffer.json").write_text(json.dumps(state["meta"]))
+
+    # a fresh strategy on a copy of the model restores the buffer before it has trained
+    resumed = EMTAL(
+        copy.deepcopy(model), config=config, train_mb_size=16, train_epochs=1, evaluator=_evaluator()
+    )
+    loaded = {
+        "tensors": load_file(tmp_path / "buffer.safetensors"),
+        "meta": json.loads((tmp_path / "buffer.json").read_text()),
+    }
+    resumed.emtal_plugin.load_state_dict(loaded)
+    again = resumed.emtal_plugin.state_dict()
+    assert again["meta"] == state["meta"]
+    assert again["tensors"].keys() == state["tensors"].keys()
+    assert all(torch.equal(again["tensors"][k], state["tensors"][k]) for k in state["tensors"])
+    # and it goes on: the third task replays the restored buffer, which then covers all 6 classes
+    resumed.train(stream.benchmark.train_stream[2])
+    qr = resumed.emtal_plugin.controller.qr
+    assert "qr" in resumed.emtal_plugin.last_losses
+    assert resumed.emtal_plugin.controller.task == 2
+    assert len(qr) == 12 and len(qr.class_counts()) == 6
