@@ -1,97 +1,154 @@
-"""Command line: `cmtl demo` (the YAML runner `cmtl run` is being built).
+"""cmtl command line: run, compare, eval and inspect continual multi-task experiments.
 
-`cmtl demo` trains the default tiny ViT on the embedded digits stream with one adapter per task,
-fades the routers, consolidates after every task, and prints the task-incremental accuracy matrix.
-No QR buffer yet: it shows the model's grow / fade / merge cycle end to end.
+    cmtl run [CONFIG] [--set KEY=VALUE ...] [--out DIR]
+    cmtl compare [CONFIG] [--strategies emtal,naive,...] [--seeds N] [--out DIR]
+    cmtl eval SNAPSHOT --config CONFIG
+    cmtl inspect SNAPSHOT
+
+Bad input (config, paths, snapshots) prints one `cmtl: error: ...` line and exits with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
-import time
-
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
+import warnings
+from pathlib import Path
 
 from cmtl.config import ConfigError, load_config
-from cmtl.continual import fading_coefficient
-from cmtl.model import AdapterConfig, CMTLModel
+
+EXIT_USAGE = 2
 
 
-@torch.no_grad()
-def _accuracy(model: CMTLModel, dataset, task: int, batch_size: int) -> float:
-    model.eval()
-    correct = total = 0
-    for x, y, _ in DataLoader(dataset, batch_size=batch_size):
-        correct += (model(x, task).argmax(-1) == y).sum().item()
-        total += len(y)
-    return correct / max(total, 1)
+def _cmd_run(args: argparse.Namespace) -> int:
+    from cmtl.runner import run_experiment
 
-
-def demo(config: str | None, overrides: list[str]) -> int:
-    from cmtl.scenarios import create_scenario
-
-    cfg = load_config(config, overrides)
-    torch.manual_seed(cfg.seed)
-    mc, sc, st = cfg.model, cfg.scenario, cfg.strategy
-    adapter = AdapterConfig(
-        num_experts=mc.num_experts, rank=mc.rank, alpha=mc.alpha, tau=mc.tau, attn_lora=mc.attn_lora
-    )
-    model = CMTLModel.from_timm(
-        mc.name, pretrained=mc.pretrained, checkpoint=mc.checkpoint, adapter=adapter, mode="til", **mc.kwargs
-    )
-    size = model.backbone.patch_embed.img_size[0]
-    stream = create_scenario(
-        sc.name, mode="til", n_tasks=sc.n_tasks, image_size=size, seed=cfg.seed, **sc.options
-    )
-    train, test = stream.benchmark.train_stream, stream.benchmark.test_stream
-    matrix = []
-    for t, exp in enumerate(train):
-        start = time.time()
-        model.add_task(stream.classes_per_task[t])
-        opt = torch.optim.AdamW(model.trainable_parameters(), lr=st.lr, weight_decay=st.weight_decay)
-        loader = DataLoader(exp.dataset, batch_size=st.batch_size, shuffle=True)
-        steps, step = st.epochs * len(loader), 0
-        for _ in range(st.epochs):
-            model.train()
-            for x, y, _ in loader:
-                a = fading_coefficient(step, steps, st.fading_start, st.fading_end)
-                model.set_fading(a, f"task{t}")
-                loss = F.cross_entropy(model(x, t), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                step += 1
-        model.set_fading(0.0)
-        model.consolidate()
-        row = [_accuracy(model, test[j].dataset, j, st.eval_batch_size) for j in range(t + 1)]
-        matrix.append(row)
-        print(f"task {t}: acc {row[-1]:.3f}  avg {sum(row) / len(row):.3f}  ({time.time() - start:.1f}s)")
-    print("accuracy matrix (row: after task i, column: task j)")
-    for row in matrix:
-        print("  " + " ".join(f"{a:.3f}" for a in row))
+    cfg = load_config(args.config, args.overrides)
+    run_experiment(cfg, out=args.out, progress=False if args.no_progress else None)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from cmtl.compare import parse_strategies, run_compare
+
+    cfg = load_config(args.config, args.overrides)
+    run_compare(cfg, parse_strategies(args.strategies), seeds=args.seeds, out=args.out)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from cmtl.runner import evaluate_snapshot
+    from cmtl.snapshot import load_snapshot
+
+    snapshot = load_snapshot(args.snapshot)
+    cfg = load_config(args.config, args.overrides)
+    accs = evaluate_snapshot(snapshot, cfg)
+    for j, acc in enumerate(accs):
+        print(f"task {j}: accuracy {100 * acc:.2f}%")
+    print(f"average accuracy {100 * sum(accs) / len(accs):.2f}%")
+    return 0
+
+
+def _size(path: Path) -> str:
+    n = path.stat().st_size
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from cmtl.metrics import format_matrix
+    from cmtl.snapshot import load_snapshot
+
+    snap = load_snapshot(args.snapshot)
+    meta = snap.meta
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    params = sum(p.numel() for p in snap.backbone.parameters())
+    heads = sum(p.numel() for p in snap.heads.parameters())
+    print(f"snapshot {args.snapshot}")
+    print(f"  architecture  {meta.get('architecture')} ({params:,} backbone parameters, {heads:,} in heads)")
+    print(f"  input         {meta.get('image_size')} px, mean {meta.get('mean')}, std {meta.get('std')}")
+    print(f"  stream        {meta.get('scenario')} ({snap.mode}), strategy {meta.get('strategy')}")
+    for t, classes in enumerate(snap.task_classes):
+        shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
+        print(f"  task {t:<3d}      {len(classes)} classes: {shown}")
+    metrics = meta.get("metrics") or {}
+    if metrics.get("accuracy_matrix"):
+        print("  accuracy matrix (%):")
+        print("    " + format_matrix(metrics["accuracy_matrix"]).replace("\n", "\n    "))
+    for key in ("final_average_accuracy", "average_incremental_accuracy", "forgetting", "bwt"):
+        if metrics.get(key) is not None:
+            print(f"  {key:28s} {100 * metrics[key]:.2f}")
+    print(f"  versions      {meta.get('versions')}")
+    for f in sorted(Path(args.snapshot).iterdir()):
+        print(f"  file          {f.name} ({_size(f)})")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmtl", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="train the tiny default on the embedded digits stream")
-    p.add_argument("config", nargs="?", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--debug", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
+
+    def config_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+        if positional:
+            p.add_argument(
+                "config", nargs="?", default=None, help="YAML file (default: the embedded default)"
+            )
+        p.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key"
+        )
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    p = sub.add_parser("run", help="train a task stream and write a run directory")
+    config_args(p)
+    p.add_argument("--out", default=None, help="run directory (default: <out>/<name> from the config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("compare", help="several strategies on the same data and seeds")
+    config_args(p)
+    p.add_argument("--strategies", default=None, help="comma-separated names (default: all)")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds, from the config's seed up")
+    p.add_argument("--out", default=None, help="directory (default: <out>/<name>_compare)")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("eval", help="test accuracy of a snapshot on a config's stream")
+    p.add_argument("snapshot")
+    p.add_argument("--config", default=None, help="YAML file of the stream (default: the embedded default)")
+    config_args(p, positional=False)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("inspect", help="what a snapshot holds")
+    p.add_argument("snapshot")
+    p.add_argument("--json", action="store_true", help="print meta.json")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    if not args.debug:
+        warnings.filterwarnings("ignore")  # library deprecation chatter; --debug shows it
     try:
-        return demo(args.config, args.overrides)
-    except (ConfigError, ValueError) as e:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, TypeError) as e:
         if args.debug:
             raise
-        print(f"cmtl: error: {e}", file=sys.stderr)
-        return 2
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"cmtl: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("cmtl: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

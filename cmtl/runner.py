@@ -1,0 +1,381 @@
+"""The task-stream experiment runner behind `cmtl run` and `cmtl compare`.
+
+`run_experiment(cfg)` builds the backbone, the stream and the named strategy from an
+`ExperimentConfig`, trains the experiences one by one, evaluates every task seen so far after each,
+and writes the run directory:
+
+    config.yaml          the resolved configuration
+    results.json         accuracy matrix R[i][j], its summaries, wall time, parameters, buffer, versions
+    metrics.csv          one line per (after_task, task) accuracy
+    accuracy_matrix.png  heatmap of R; accuracy_per_task.png: each task's accuracy over the stream
+    snapshot/            the consolidated model (timm local-dir format + heads + meta), see cmtl.snapshot
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import platform
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cmtl.backbone import create_backbone
+from cmtl.config import ConfigError, ExperimentConfig, config_to_dict, save_config
+from cmtl.model import CMTLModel
+from cmtl.recipes import StrategySpec, strategy_spec
+from cmtl.version import __version__
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FORMAT = 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when available; an unavailable CUDA device is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device' is {name!r} but CUDA is not available here; valid: auto, cpu")
+    return torch.device(name)
+
+
+def versions() -> dict[str, str]:
+    """Versions of cmtl and the libraries whose behaviour the results depend on."""
+    import avalanche
+    import timm
+
+    return {
+        "cmtl": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "avalanche": getattr(avalanche, "__version__", "unknown"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_backbone(cfg: ExperimentConfig):
+    mc = cfg.model
+    return create_backbone(mc.name, pretrained=mc.pretrained, checkpoint=mc.checkpoint, **mc.kwargs)
+
+
+def build_stream(cfg: ExperimentConfig, backbone, image_size: int | None = None, mean=None, std=None):
+    """The task stream of `cfg.scenario`, sized and normalised for `backbone`."""
+    from cmtl.scenarios import create_scenario
+
+    sc, mc = cfg.scenario, cfg.model
+    model_size = int(backbone.patch_embed.img_size[0]) if backbone is not None else image_size
+    size = image_size or sc.image_size or model_size
+    if model_size is not None and size != model_size:
+        raise ConfigError(
+            f"config key 'scenario.image_size' is {size} but the model takes {model_size}x{model_size} "
+            f"images; valid: null or {model_size} (or change model.kwargs.img_size)"
+        )
+    pcfg = getattr(backbone, "pretrained_cfg", None) or {}
+    mean = mean or mc.mean or pcfg.get("mean")
+    std = std or mc.std or pcfg.get("std")
+    return create_scenario(
+        sc.name,
+        mode=sc.mode,
+        n_tasks=sc.n_tasks,
+        classes_per_task=sc.classes_per_task,
+        class_order_seed=sc.class_order_seed,
+        max_per_class=sc.max_per_class,
+        max_test_per_class=sc.max_test_per_class,
+        image_size=size,
+        mean=tuple(mean) if mean is not None else None,
+        std=tuple(std) if std is not None else None,
+        augment=sc.augment,
+        flip=sc.flip,
+        seed=cfg.seed,
+        **sc.options,
+    )
+
+
+def accuracy_key(mode: str, exp: int) -> str:
+    """Avalanche's metric name of the accuracy on test experience `exp`."""
+    task = exp if mode == "til" else 0
+    return f"Top1_Acc_Exp/eval_phase/test_stream/Task{task:03d}/Exp{exp:03d}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    _atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@dataclass
+class RunState:
+    """What the runner has measured so far."""
+
+    matrix: list[list[float]] = field(default_factory=list)
+    wall_time: list[float] = field(default_factory=list)
+    trainable: list[int] = field(default_factory=list)
+
+
+def _buffer_stats(strategy) -> tuple[int, int]:
+    """(samples, bytes) held by the strategy's replay memory, whichever kind it has."""
+    from avalanche.training.plugins import ReplayPlugin
+
+    from cmtl.strategies import find_emtal_plugin
+
+    plugin = find_emtal_plugin(strategy)
+    if plugin is not None and plugin.controller is not None and plugin.controller.qr is not None:
+        qr = plugin.controller.qr
+        return len(qr), qr.nbytes()
+    for p in strategy.plugins:
+        if isinstance(p, ReplayPlugin):
+            buffer = p.storage_policy.buffer
+            if len(buffer) == 0:
+                return 0, 0
+            x = buffer[0][0]
+            per_sample = x.element_size() * x.numel() + 16  # image + label and task label (int64)
+            return len(buffer), len(buffer) * per_sample
+    return 0, 0
+
+
+def _evaluator(run_dir: Path, cfg: ExperimentConfig):
+    from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
+    from avalanche.logging import CSVLogger, TensorboardLogger
+    from avalanche.training.plugins import EvaluationPlugin
+
+    loggers = []
+    if cfg.logging.csv:
+        loggers.append(CSVLogger(log_folder=str(run_dir / "avalanche_csv")))
+    if cfg.logging.tensorboard:
+        loggers.append(TensorboardLogger(tb_log_dir=str(run_dir / "tensorboard")))
+    return EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True), forgetting_metrics(experience=True), loggers=loggers
+    )
+
+
+def _progress_plugin(enabled: bool, state: RunState):
+    from avalanche.training.plugins import SupervisedPlugin
+    from tqdm.auto import tqdm
+
+    class Progress(SupervisedPlugin):
+        """A tqdm bar per epoch; records the trainable parameters of each experience."""
+
+        bar = None
+
+        def before_training_exp(self, strategy, **kwargs):
+            state.trainable.append(sum(p.numel() for p in strategy.model.parameters() if p.requires_grad))
+
+        def before_training_epoch(self, strategy, **kwargs):
+            exp = strategy.experience.current_experience
+            epoch = strategy.clock.train_exp_epochs + 1
+            self.bar = tqdm(
+                total=len(strategy.dataloader),
+                desc=f"task {exp} epoch {epoch}/{strategy.train_epochs}",
+                leave=False,
+                disable=None if enabled else True,  # None: only on a terminal
+                dynamic_ncols=True,
+            )
+
+        def after_training_iteration(self, strategy, **kwargs):
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(loss=f"{float(strategy.loss):.3f}", refresh=False)
+
+        def after_training_epoch(self, strategy, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return Progress()
+
+
+def prepare_run_dir(cfg: ExperimentConfig, out: str | Path | None) -> Path:
+    """The run directory (`out`, or `cfg.out/cfg.name`), refusing to overwrite a finished run."""
+    run_dir = Path(out) if out is not None else Path(cfg.out) / cfg.name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {str(run_dir)!r} exists and is not a directory")
+    if (run_dir / "results.json").exists():
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} already holds a finished run; "
+            "choose another with --out or --set name=..., or delete it"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out: str | Path | None = None,
+    echo: Callable[[str], None] = print,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Run `cfg` end to end and write the run directory; returns the content of `results.json`."""
+    from cmtl.metrics import format_matrix, summarize
+    from cmtl.snapshot import save_snapshot
+    from cmtl.strategies import build_strategy
+
+    device = resolve_device(cfg.device)
+    run_dir = prepare_run_dir(cfg, out)
+    save_config(cfg, run_dir / "config.yaml")
+    seed_everything(cfg.seed)
+    started = time.time()
+
+    backbone = build_backbone(cfg)
+    stream = build_stream(cfg, backbone)
+    spec: StrategySpec = strategy_spec(cfg.strategy.name, cfg.model, cfg.strategy, seed=cfg.seed)
+    model = CMTLModel(backbone, spec.adapter, mode=stream.mode, moefy_seed=cfg.model.moefy_seed)
+    state = RunState()
+    show = cfg.logging.progress if progress is None else progress
+    strategy = build_strategy(
+        spec,
+        model,
+        cfg.strategy,
+        classes_per_task=stream.classes_per_task,
+        device=device,
+        evaluator=_evaluator(run_dir, cfg),
+        plugins=[_progress_plugin(show, state)],
+    )
+    train, test = stream.benchmark.train_stream, stream.benchmark.test_stream
+    echo(
+        f"cmtl run: {cfg.strategy.name} on {stream.name} ({stream.mode}, {stream.num_tasks} tasks, "
+        f"{stream.num_classes} classes), {cfg.model.name}, device {device}, run dir {run_dir}"
+    )
+    kwargs = {"num_workers": cfg.strategy.num_workers}
+    if spec.avalanche == "joint":
+        t0 = time.time()
+        strategy.train(train, **kwargs)
+        state.wall_time.append(time.time() - t0)
+        rows = [(stream.num_tasks - 1, strategy.eval(test, **kwargs))]
+        state.matrix.append(
+            [float(rows[0][1][accuracy_key(stream.mode, j)]) for j in range(stream.num_tasks)]
+        )
+        _echo_row(echo, stream.num_tasks - 1, state, "all tasks")
+    else:
+        for i, exp in enumerate(train):
+            t0 = time.time()
+            strategy.train(exp, **kwargs)
+            state.wall_time.append(time.time() - t0)
+            res = strategy.eval(test[: i + 1], **kwargs)
+            state.matrix.append([float(res[accuracy_key(stream.mode, j)]) for j in range(i + 1)])
+            _echo_row(echo, i, state, f"task {i}")
+    if model.open_adapters:  # strategies merge at the end of the stream; make sure of it
+        model.set_fading(0.0)
+        model.consolidate()
+
+    summary = summarize(state.matrix)
+    buffer_samples, buffer_bytes = _buffer_stats(strategy)
+    results: dict[str, Any] = {
+        "format": RESULTS_FORMAT,
+        "name": cfg.name,
+        "strategy": cfg.strategy.name,
+        "scenario": stream.name,
+        "mode": stream.mode,
+        "seed": cfg.seed,
+        "device": str(device),
+        "task_classes": stream.task_classes,
+        "accuracy_matrix": state.matrix,
+        **summary,
+        "wall_time_per_task": state.wall_time,
+        "wall_time_total": time.time() - started,
+        "trainable_parameters_per_task": state.trainable,
+        "backbone_parameters": sum(p.numel() for p in model.backbone.parameters()),
+        "buffer_samples": buffer_samples,
+        "buffer_bytes": buffer_bytes,
+        "versions": versions(),
+    }
+    meta = {
+        "task_classes": stream.task_classes,
+        "image_size": stream.image_size,
+        "mean": list(stream.mean),
+        "std": list(stream.std),
+        "scenario": stream.name,
+        "strategy": cfg.strategy.name,
+        "config": config_to_dict(cfg),
+        "metrics": {k: results[k] for k in ("accuracy_matrix", *summary)},
+    }
+    save_snapshot(model, run_dir / "snapshot", meta)
+    _write_metrics_csv(run_dir / "metrics.csv", state.matrix)
+    if cfg.logging.plots:
+        from cmtl.plots import plot_accuracy_matrix, plot_accuracy_per_task
+
+        title = f"{cfg.strategy.name} on {stream.name} ({stream.mode})"
+        plot_accuracy_matrix(state.matrix, run_dir / "accuracy_matrix.png", title=title)
+        plot_accuracy_per_task(state.matrix, run_dir / "accuracy_per_task.png", title=title)
+    write_json(run_dir / "results.json", results)  # last: its presence marks a finished run
+    echo("accuracy matrix (%; row: after training task i, column: task j)")
+    echo(format_matrix(state.matrix))
+    forgetting = summary["forgetting"]
+    echo(
+        f"final average accuracy {100 * summary['final_average_accuracy']:.2f}%, average incremental "
+        f"accuracy {100 * summary['average_incremental_accuracy']:.2f}%, forgetting "
+        + ("n/a" if forgetting is None else f"{100 * forgetting:.2f} pt")
+        + f", {results['wall_time_total']:.0f}s; results in {run_dir}"
+    )
+    return results
+
+
+def _echo_row(echo: Callable[[str], None], i: int, state: RunState, label: str) -> None:
+    row = state.matrix[-1]
+    avg = 100 * sum(row) / len(row)
+    seconds = state.wall_time[-1]
+    echo(f"{label}: accuracy {100 * row[-1]:.1f}%, average over {len(row)} seen {avg:.1f}% ({seconds:.1f}s)")
+
+
+def _write_metrics_csv(path: Path, matrix: list[list[float]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["after_task", "task", "accuracy"])
+    for i, row in enumerate(matrix):
+        after = len(matrix[-1]) - 1 if len(matrix) == 1 and len(row) > 1 else i
+        for j, acc in enumerate(row):
+            writer.writerow([after, j, f"{acc:.6f}"])
+    _atomic_write_text(path, buf.getvalue())
+
+
+@torch.no_grad()
+def evaluate_snapshot(
+    snapshot, cfg: ExperimentConfig, batch_size: int | None = None, device: str | torch.device = "cpu"
+) -> list[float]:
+    """Test accuracy of a loaded `Snapshot` on every task of `cfg`'s stream (built the same way as in
+    the run: the snapshot's image size and normalisation). Mismatching streams raise ConfigError."""
+    from torch.utils.data import DataLoader
+
+    meta = snapshot.meta
+    stream = build_stream(cfg, None, image_size=meta["image_size"], mean=meta["mean"], std=meta["std"])
+    if stream.mode != snapshot.mode or stream.classes_per_task != meta["classes_per_task"]:
+        raise ConfigError(
+            f"snapshot does not match the config: snapshot {snapshot.mode} with classes per task "
+            f"{meta['classes_per_task']}, config {stream.mode} with {stream.classes_per_task}"
+        )
+    snapshot.to(device).eval()
+    accs = []
+    for j, exp in enumerate(stream.benchmark.test_stream):
+        correct = total = 0
+        loader = DataLoader(exp.dataset.eval(), batch_size=batch_size or cfg.strategy.eval_batch_size)
+        for batch in loader:
+            x, y = batch[0].to(device), batch[1].to(device)
+            logits = snapshot(x, j if snapshot.mode == "til" else None)
+            correct += int((logits.argmax(-1) == y).sum())
+            total += len(y)
+        accs.append(correct / max(total, 1))
+    return accs
