@@ -25,8 +25,13 @@ EXIT_USAGE = 2
 def _cmd_run(args: argparse.Namespace) -> int:
     from cmtl.runner import run_experiment
 
-    cfg = load_config(args.config, args.overrides)
-    run_experiment(cfg, out=args.out, progress=False if args.no_progress else None)
+    config = args.config
+    if args.resume and config is None:  # continue with the run's own resolved config
+        run_dir = Path(args.out) if args.out else Path(load_config(None, args.overrides).out) / "default"
+        if (run_dir / "config.yaml").is_file():
+            config = str(run_dir / "config.yaml")
+    cfg = load_config(config, args.overrides)
+    run_experiment(cfg, out=args.out, progress=False if args.no_progress else None, resume=args.resume)
     return 0
 
 
@@ -110,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("--out", default=None, help="run directory (default: <out>/<name> from the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("compare", help="several strategies on the same data and seeds")
@@ -138,12 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
     if not args.debug:
         warnings.filterwarnings("ignore")  # library deprecation chatter; --debug shows it
+    from cmtl.runner import RunInterrupted
+
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, TypeError) as e:
+    except RunInterrupted as e:
+        print(f"cmtl: {e}", file=sys.stderr)
+        return 130
+    except (ConfigError, ValueError, OSError, TypeError) as e:
         if args.debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{msg}: {e.filename}"
         print(f"cmtl: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

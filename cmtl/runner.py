@@ -135,6 +135,7 @@ class RunState:
     matrix: list[list[float]] = field(default_factory=list)
     wall_time: list[float] = field(default_factory=list)
     trainable: list[int] = field(default_factory=list)
+    open_after: list[int] = field(default_factory=list)  # adapters still open after each task
 
 
 def _buffer_stats(strategy) -> tuple[int, int]:
@@ -158,16 +159,16 @@ def _buffer_stats(strategy) -> tuple[int, int]:
     return 0, 0
 
 
-def _evaluator(run_dir: Path, cfg: ExperimentConfig):
+def _evaluator(csv_dir: Path, cfg: ExperimentConfig):
     from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
     from avalanche.logging import CSVLogger, TensorboardLogger
     from avalanche.training.plugins import EvaluationPlugin
 
     loggers = []
     if cfg.logging.csv:
-        loggers.append(CSVLogger(log_folder=str(run_dir / "avalanche_csv")))
+        loggers.append(CSVLogger(log_folder=str(csv_dir)))
     if cfg.logging.tensorboard:
-        loggers.append(TensorboardLogger(tb_log_dir=str(run_dir / "tensorboard")))
+        loggers.append(TensorboardLogger(tb_log_dir=str(csv_dir.parent / "tensorboard")))
     return EvaluationPlugin(
         accuracy_metrics(experience=True, stream=True), forgetting_metrics(experience=True), loggers=loggers
     )
@@ -209,8 +210,10 @@ def _progress_plugin(enabled: bool, state: RunState):
     return Progress()
 
 
-def prepare_run_dir(cfg: ExperimentConfig, out: str | Path | None) -> Path:
-    """The run directory (`out`, or `cfg.out/cfg.name`), refusing to overwrite a finished run."""
+def prepare_run_dir(cfg: ExperimentConfig, out: str | Path | None, resume: bool = False) -> Path:
+    """The run directory (`out`, or `cfg.out/cfg.name`); never silently overwrites a run."""
+    from cmtl.checkpoint import CHECKPOINT_NAME
+
     run_dir = Path(out) if out is not None else Path(cfg.out) / cfg.name
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {str(run_dir)!r} exists and is not a directory")
@@ -219,8 +222,119 @@ def prepare_run_dir(cfg: ExperimentConfig, out: str | Path | None) -> Path:
             f"run directory {str(run_dir)!r} already holds a finished run; "
             "choose another with --out or --set name=..., or delete it"
         )
+    has_checkpoint = (run_dir / CHECKPOINT_NAME).exists()
+    if resume and not has_checkpoint:
+        raise ConfigError(f"--resume: no checkpoint in {str(run_dir)!r} (a run writes one after each task)")
+    if not resume and has_checkpoint:
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} holds an unfinished run; continue it with "
+            f"`cmtl run --resume --out {run_dir}` or choose another --out"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg_dict.items() if k not in ("logging", "out")}
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{prefix[:-1]} ({b!r} in the checkpoint, {a!r} now)"
+
+
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; the run stopped after the current step."""
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite."""
+
+
+def _guard_plugin(state: RunState, stop: dict[str, Any], run_dir: Path):
+    """Stops on NaN/inf loss (naming task and step) and after the step in which a signal arrived."""
+    from avalanche.training.plugins import SupervisedPlugin
+
+    class Guard(SupervisedPlugin):
+        def before_backward(self, strategy, **kwargs):
+            loss = strategy.loss
+            if not bool(torch.isfinite(loss.detach()).all()):
+                task = strategy.experience.current_experience
+                step = strategy.clock.train_exp_iterations
+                epoch = strategy.clock.train_exp_epochs
+                kept = f"after task {task - 1}" if task else "none yet"
+                raise TrainingDiverged(
+                    f"training loss is {float(loss.detach()):g} at task {task}, epoch {epoch}, step {step}; "
+                    f"last good checkpoint: {kept} in {run_dir} (try a lower strategy.lr)"
+                )
+
+        def after_training_iteration(self, strategy, **kwargs):
+            if stop["signal"] is not None:
+                raise RunInterrupted(stop["signal"])
+
+    return Guard()
+
+
+def _install_signal_handlers(stop: dict[str, Any]):
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        if stop["signal"] is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        old[sig] = signal.signal(sig, handler)
+    return old
+
+
+def _restore_signal_handlers(old) -> None:
+    import signal
+
+    for sig, h in old.items():
+        signal.signal(sig, h)
+
+
+def _rebuild_structure(model: CMTLModel, classes_per_task: list[int], open_after: list[int]) -> None:
+    """Replay the adapter/head history of the checkpointed run so its tensors load strictly."""
+    for n, still_open in zip(classes_per_task, open_after):
+        model.add_task(n)
+        if still_open == 0 and model.open_adapters:
+            model.set_fading(0.0)
+            model.consolidate()
+
+
+def _write_checkpoint(
+    run_dir: Path, model: CMTLModel, strategy, state: RunState, extra: dict[str, Any]
+) -> None:
+    from cmtl.checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint
+    from cmtl.strategies.state import strategy_state
+
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    s_tensors, s_meta = strategy_state(strategy)
+    tensors.update({f"strategy.{k}": v for k, v in s_tensors.items()})
+    r_tensors, r_meta = rng_state()
+    tensors.update(r_tensors)
+    meta = {
+        **extra,
+        "matrix": state.matrix,
+        "wall_time": state.wall_time,
+        "trainable": state.trainable,
+        "open_after": state.open_after,
+        "strategy_state": s_meta,
+        "rng": r_meta,
+    }
+    save_checkpoint(run_dir / CHECKPOINT_NAME, tensors, meta)
 
 
 def run_experiment(
@@ -228,15 +342,28 @@ def run_experiment(
     out: str | Path | None = None,
     echo: Callable[[str], None] = print,
     progress: bool | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run `cfg` end to end and write the run directory; returns the content of `results.json`."""
+    """Run `cfg` end to end and write the run directory; returns the content of `results.json`.
+
+    A checkpoint is written after every task; `resume=True` continues from it (same config needed).
+    """
+    from cmtl.checkpoint import CHECKPOINT_NAME, load_checkpoint, set_rng_state
     from cmtl.metrics import format_matrix, summarize
     from cmtl.snapshot import save_snapshot
     from cmtl.strategies import build_strategy
+    from cmtl.strategies.state import load_strategy_state
 
     device = resolve_device(cfg.device)
-    run_dir = prepare_run_dir(cfg, out)
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir = prepare_run_dir(cfg, out, resume)
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
+        diff = _first_difference(_comparable(config_to_dict(cfg)), _comparable(checkpoint[1]["config"]))
+        if diff:
+            raise ConfigError(f"--resume: the config differs from the checkpointed run's at {diff}")
+    else:
+        save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.seed)
     started = time.time()
 
@@ -245,39 +372,78 @@ def run_experiment(
     spec: StrategySpec = strategy_spec(cfg.strategy.name, cfg.model, cfg.strategy, seed=cfg.seed)
     model = CMTLModel(backbone, spec.adapter, mode=stream.mode, moefy_seed=cfg.model.moefy_seed)
     state = RunState()
+    elapsed_before = 0.0
+    if checkpoint is not None:
+        tensors, meta = checkpoint
+        state = RunState(meta["matrix"], meta["wall_time"], meta["trainable"], meta["open_after"])
+        elapsed_before = float(meta["elapsed"])
+        _rebuild_structure(model, stream.classes_per_task[: meta["done"]], state.open_after)
+        model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            model.load_state_dict(model_state, strict=True)
+        except RuntimeError as e:
+            raise ConfigError(
+                f"--resume: checkpoint does not match the model: {str(e).splitlines()[0]}"
+            ) from None
+    done = len(state.matrix) if spec.avalanche != "joint" else 0
     show = cfg.logging.progress if progress is None else progress
+    stop: dict[str, Any] = {"signal": None}
+    csv_dir = run_dir / ("avalanche_csv" if not resume else f"avalanche_csv_resumed_at_task{done}")
     strategy = build_strategy(
         spec,
         model,
         cfg.strategy,
         classes_per_task=stream.classes_per_task,
         device=device,
-        evaluator=_evaluator(run_dir, cfg),
-        plugins=[_progress_plugin(show, state)],
+        evaluator=_evaluator(csv_dir, cfg),
+        plugins=[_progress_plugin(show, state), _guard_plugin(state, stop, run_dir)],
     )
     train, test = stream.benchmark.train_stream, stream.benchmark.test_stream
+    if checkpoint is not None:
+        tensors, meta = checkpoint
+        s_tensors = {k[9:]: v for k, v in tensors.items() if k.startswith("strategy.")}
+        load_strategy_state(strategy, s_tensors, meta["strategy_state"], train)
+        set_rng_state(tensors, meta["rng"])  # last: everything above may draw random numbers
+        echo(f"cmtl run: resuming {run_dir} after task {done - 1}")
     echo(
         f"cmtl run: {cfg.strategy.name} on {stream.name} ({stream.mode}, {stream.num_tasks} tasks, "
         f"{stream.num_classes} classes), {cfg.model.name}, device {device}, run dir {run_dir}"
     )
     kwargs = {"num_workers": cfg.strategy.num_workers}
-    if spec.avalanche == "joint":
-        t0 = time.time()
-        strategy.train(train, **kwargs)
-        state.wall_time.append(time.time() - t0)
-        rows = [(stream.num_tasks - 1, strategy.eval(test, **kwargs))]
-        state.matrix.append(
-            [float(rows[0][1][accuracy_key(stream.mode, j)]) for j in range(stream.num_tasks)]
-        )
-        _echo_row(echo, stream.num_tasks - 1, state, "all tasks")
-    else:
-        for i, exp in enumerate(train):
+    ckpt_meta = {"config": config_to_dict(cfg), "versions": versions()}
+    old_handlers = _install_signal_handlers(stop)
+    try:
+        if spec.avalanche == "joint":
             t0 = time.time()
-            strategy.train(exp, **kwargs)
+            strategy.train(train, **kwargs)
             state.wall_time.append(time.time() - t0)
-            res = strategy.eval(test[: i + 1], **kwargs)
-            state.matrix.append([float(res[accuracy_key(stream.mode, j)]) for j in range(i + 1)])
-            _echo_row(echo, i, state, f"task {i}")
+            res = strategy.eval(test, **kwargs)
+            state.matrix.append([float(res[accuracy_key(stream.mode, j)]) for j in range(stream.num_tasks)])
+            _echo_row(echo, state, "all tasks")
+        else:
+            for i in range(done, stream.num_tasks):
+                t0 = time.time()
+                strategy.train(train[i], **kwargs)
+                state.wall_time.append(time.time() - t0)
+                res = strategy.eval(test[: i + 1], **kwargs)
+                state.matrix.append([float(res[accuracy_key(stream.mode, j)]) for j in range(i + 1)])
+                state.open_after.append(len(model.open_adapters))
+                _echo_row(echo, state, f"task {i}")
+                elapsed = elapsed_before + time.time() - started
+                _write_checkpoint(
+                    run_dir, model, strategy, state, {**ckpt_meta, "done": i + 1, "elapsed": elapsed}
+                )
+                if stop["signal"] is not None:
+                    raise RunInterrupted(stop["signal"])
+    except RunInterrupted as e:
+        last = len(state.matrix) - 1
+        kept = f"after task {last}" if last >= 0 else "none (stopped during the first task)"
+        raise RunInterrupted(
+            f"{e} received: stopped after the current step; last checkpoint: {kept}. "
+            f"Resume with: cmtl run --resume --out {run_dir}"
+        ) from None
+    finally:
+        _restore_signal_handlers(old_handlers)
     if model.open_adapters:  # strategies merge at the end of the stream; make sure of it
         model.set_fading(0.0)
         model.consolidate()
@@ -296,7 +462,8 @@ def run_experiment(
         "accuracy_matrix": state.matrix,
         **summary,
         "wall_time_per_task": state.wall_time,
-        "wall_time_total": time.time() - started,
+        "wall_time_total": elapsed_before + time.time() - started,
+        "resumed": resume,
         "trainable_parameters_per_task": state.trainable,
         "backbone_parameters": sum(p.numel() for p in model.backbone.parameters()),
         "buffer_samples": buffer_samples,
@@ -334,7 +501,7 @@ def run_experiment(
     return results
 
 
-def _echo_row(echo: Callable[[str], None], i: int, state: RunState, label: str) -> None:
+def _echo_row(echo: Callable[[str], None], state: RunState, label: str) -> None:
     row = state.matrix[-1]
     avg = 100 * sum(row) / len(row)
     seconds = state.wall_time[-1]

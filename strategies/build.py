@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from avalanche.training import JointTraining
-from avalanche.training.plugins import EWCPlugin, LwFPlugin, ReplayPlugin, SupervisedPlugin
+from avalanche.training.plugins import EWCPlugin, LwFPlugin, SupervisedPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 
@@ -22,6 +22,7 @@ from cmtl.optim import lr_factor, make_optimizer, set_lr
 from cmtl.recipes import StrategySpec
 
 from .emtal import AvalancheCMTL, EMTALPlugin
+from .state import replay_plugin
 
 
 class TaskLRSchedule(SupervisedPlugin):
@@ -145,7 +146,7 @@ def build_strategy(
         optimizer = make_optimizer(st.optimizer, net.parameters(), st.lr, st.weight_decay, st.momentum)
         return CMTLJoint(model=net, optimizer=optimizer, plugins=extra, **common)
     if spec.avalanche == "replay":
-        extra.append(ReplayPlugin(mem_size=st.buffer_size))
+        extra.append(replay_plugin(st.buffer_size))
     elif spec.avalanche == "lwf":
         extra.append(LwFPlugin(alpha=st.lwf_alpha, temperature=st.lwf_temperature))
     elif spec.avalanche == "ewc":

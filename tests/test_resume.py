@@ -1,0 +1,158 @@
+"""Checkpoints and `--resume`: a run stopped anywhere ends like an uninterrupted one; bad files refused."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_runner import TINY
+
+from cmtl.cli import main
+from cmtl.config import load_config
+
+SETS = sum((["--set", s] for s in TINY), [])
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(label):
+    def echo(msg):
+        if msg.startswith(label):
+            raise _Stop(msg)
+
+    return echo
+
+
+def _snapshot_tensors(run_dir):
+    return load_file(run_dir / "snapshot" / "model.safetensors") | {
+        f"head.{k}": v for k, v in load_file(run_dir / "snapshot" / "heads.safetensors").items()
+    }
+
+
+def _assert_same_run(a_dir, b_dir):
+    a = json.loads((a_dir / "results.json").read_text())
+    b = json.loads((b_dir / "results.json").read_text())
+    assert len(a["accuracy_matrix"]) == len(b["accuracy_matrix"])
+    for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
+        assert ra == pytest.approx(rb, abs=1e-6)
+    assert a["buffer_samples"] == b["buffer_samples"]
+    ta, tb = _snapshot_tensors(a_dir), _snapshot_tensors(b_dir)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["strategy.consolidate_every=2"],  # the checkpoint holds an open adapter
+        ["strategy.name=replay"],
+        ["strategy.name=ewc"],
+        ["strategy.name=lwf"],
+        ["strategy.name=der", "scenario.mode=cil"],
+    ],
+    ids=lambda e: "-".join(x.split("=")[1] for x in e),
+)
+def test_stopped_run_resumes_to_identical_results(tmp_path, extra):
+    from cmtl.runner import run_experiment
+
+    cfg = load_config(None, [*TINY, *extra])
+    run_experiment(cfg, out=tmp_path / "a", echo=lambda m: None)
+    with pytest.raises(_Stop):  # stops while task 2 starts: the checkpoint after task 1 is on disk
+        run_experiment(cfg, out=tmp_path / "b", echo=_stop_at("task 2:"))
+    assert not (tmp_path / "b" / "results.json").exists()
+    with pytest.raises(ValueError, match="unfinished run"):
+        run_experiment(cfg, out=tmp_path / "b", echo=lambda m: None)
+    run_experiment(cfg, out=tmp_path / "b", echo=lambda m: None, resume=True)
+    _assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", *SETS, "--out", str(a)]) == 0
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cmtl", "run", *SETS, "--set", "strategy.epochs=3", "--out", str(b)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 240
+        while not (b / "checkpoint.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.3)  # now inside task 1
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (b / "results.json").exists()
+    assert main(["run", "--resume", "--out", str(b)]) == 0  # takes the run's own config.yaml
+    a3 = tmp_path / "a3"
+    assert main(["run", *SETS, "--set", "strategy.epochs=3", "--out", str(a3)]) == 0
+    _assert_same_run(a3, b)
+
+
+def test_truncated_or_missing_checkpoint_is_refused(tmp_path, capsys):
+    from cmtl.runner import run_experiment
+
+    cfg = load_config(None, TINY)
+    with pytest.raises(_Stop):
+        run_experiment(cfg, out=tmp_path / "r", echo=_stop_at("task 1:"))
+    ckpt = tmp_path / "r" / "checkpoint.safetensors"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    assert main(["run", "--resume", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint" in err[0] and "truncated or corrupted" in err[0]
+    assert ckpt.read_bytes() == data[: len(data) // 2]  # left as it was for inspection
+    assert main(["run", "--resume", "--out", str(tmp_path / "empty")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, capsys):
+    from cmtl.runner import run_experiment
+
+    with pytest.raises(_Stop):
+        run_experiment(load_config(None, TINY), out=tmp_path / "r", echo=_stop_at("task 1:"))
+    assert main(["run", *SETS, "--set", "strategy.lr=0.5", "--resume", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "differs" in err and "strategy.lr" in err
+
+
+def test_nan_loss_stops_with_task_and_step(tmp_path, capsys):
+    from cmtl.runner import run_experiment
+
+    out = tmp_path / "nan"
+    code = main(
+        ["run", *SETS, "--set", "strategy.name=naive", "--set", "strategy.lr=1e12", "--out", str(out)]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "training loss is" in err[0] and "at task" in err[0] and "step" in err[0]
+    assert not (out / "results.json").exists()
+    del run_experiment
+
+
+def test_crafted_pickle_checkpoint_is_refused_without_running_code(tmp_path, capsys):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "checkpoint.safetensors").write_bytes(pickle.dumps(Evil()))
+    assert main(["run", *SETS, "--resume", "--out", str(run)]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    assert not marker.exists()
