@@ -277,6 +277,17 @@ def _seed(section: _Section, *names: str) -> None:
             _fail(section._key(name), value, "in [0, 2**32)")
 
 
+def _no_glued_keys(section: _Section, name: str) -> None:
+    """Catch `{img_size:16}`: YAML reads it as the key 'img_size:16' with no value."""
+    for key, value in (getattr(section, name) or {}).items():
+        if value is None and isinstance(key, str) and ":" in key:
+            k, _, v = key.partition(":")
+            raise ConfigError(
+                f"config key {section._key(name)!r} has the entry {key!r} with no value; "
+                f"write '{k}: {v}' (YAML needs a space after ':')"
+            )
+
+
 def _non_empty(section: _Section, *names: str) -> None:
     for name in names:
         value = getattr(section, name)
@@ -365,6 +376,7 @@ class ModelConfig(_Section):
 
     def _check_values(self) -> None:
         _non_empty(self, "name", "checkpoint")
+        _no_glued_keys(self, "kwargs")
         _positive(self, "num_experts", "rank", "alpha", "tau")
         if not 0.0 <= self.lora_dropout < 1.0:
             _fail(self._key("lora_dropout"), self.lora_dropout, "in [0, 1)")
@@ -416,6 +428,7 @@ class ScenarioConfig(_Section):
 
     def _check_values(self) -> None:
         _non_empty(self, "name")
+        _no_glued_keys(self, "options")
         _one_of(self, "mode", MODES)
         _positive(self, "n_tasks", "max_per_class", "max_test_per_class", "image_size")
         _seed(self, "class_order_seed")
