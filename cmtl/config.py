@@ -456,6 +456,8 @@ class StrategyConfig(_Section):
         eval_batch_size: Evaluation batch size.
         optimizer: "adamw", "adam" or "sgd".
         lr: Peak learning rate.
+        backbone_lr: Peak learning rate of the full fine-tuning strategies (naive, der, replay, lwf,
+            ewc, joint), which move every pre-trained weight; None uses `lr`.
         weight_decay: Weight decay.
         momentum: SGD momentum (ignored by Adam/AdamW).
         scheduler: "cosine" (per task, after warm-up) or "none".
@@ -486,6 +488,7 @@ class StrategyConfig(_Section):
     eval_batch_size: int = 128
     optimizer: str = "adamw"
     lr: float = 1e-3
+    backbone_lr: float | None = None
     weight_decay: float = 0.01
     momentum: float = 0.9
     scheduler: str = "cosine"
@@ -513,7 +516,7 @@ class StrategyConfig(_Section):
         _one_of(self, "scheduler", SCHEDULERS)
         _one_of(self, "buffer_selection", BUFFER_SELECTIONS)
         _one_of(self, "qr_loss", QR_LOSSES)
-        _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "qr_temperature")
+        _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "backbone_lr", "qr_temperature")
         _positive(self, "lwf_temperature", "buffer_per_class", "checkpoint_every_epochs")
         if self.checkpoint_every_epochs is not None:
             _fail(

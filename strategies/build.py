@@ -128,6 +128,7 @@ def build_strategy(
     """
     model.set_backbone_trainable(spec.backbone_trainable)
     net = AvalancheCMTL(model)
+    lr = st.backbone_lr if spec.backbone_trainable and st.backbone_lr is not None else st.lr
     common = dict(
         criterion=torch.nn.CrossEntropyLoss(),
         train_mb_size=st.batch_size,
@@ -137,13 +138,13 @@ def build_strategy(
         evaluator=evaluator,
         eval_every=-1,
     )
-    extra: list[SupervisedPlugin] = [TaskLRSchedule(st.lr, st.scheduler, st.warmup_epochs), *plugins]
+    extra: list[SupervisedPlugin] = [TaskLRSchedule(lr, st.scheduler, st.warmup_epochs), *plugins]
     if spec.avalanche == "joint":
         if classes_per_task is None:
             raise ValueError("strategy 'joint' needs classes_per_task to create every head up front")
         for n in classes_per_task:
             model.add_task(n, adapter=False)
-        optimizer = make_optimizer(st.optimizer, net.parameters(), st.lr, st.weight_decay, st.momentum)
+        optimizer = make_optimizer(st.optimizer, net.parameters(), lr, st.weight_decay, st.momentum)
         return CMTLJoint(model=net, optimizer=optimizer, plugins=extra, **common)
     if spec.avalanche == "replay":
         extra.append(replay_plugin(st.buffer_size))
@@ -153,5 +154,5 @@ def build_strategy(
         extra.append(EWCPlugin(ewc_lambda=st.ewc_lambda))
     elif spec.avalanche is not None:
         raise ValueError(f"unknown Avalanche component {spec.avalanche!r}; valid: joint, replay, lwf, ewc")
-    optimizer = make_optimizer(st.optimizer, net.parameters(), st.lr, st.weight_decay, st.momentum)
+    optimizer = make_optimizer(st.optimizer, net.parameters(), lr, st.weight_decay, st.momentum)
     return CMTLStrategy(model=net, optimizer=optimizer, plugins=[EMTALPlugin(spec.emtal), *extra], **common)

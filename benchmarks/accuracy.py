@@ -1,0 +1,59 @@
+"""Every strategy on the dev streams of ../shared/data, same backbone, data, seeds and buffer budget.
+
+    python benchmarks/accuracy.py [--seeds 3] [--streams fmnist_til,fmnist_cil,mnist_fashion]
+                                  [--strategies emtal,naive,...] [--set KEY=VALUE ...] [--out DIR]
+
+Runs `cmtl compare` on each dev config (configs/dev_*.yaml), prints the tables and writes
+`<out>/accuracy.json` plus each comparison's compare.md / compare.json. Not a test: it takes about
+an hour here with the subsampling the README of ../shared/data suggests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STREAMS = {
+    "fmnist_til": "configs/dev_fashion_mnist_til.yaml",
+    "fmnist_cil": "configs/dev_fashion_mnist_cil.yaml",
+    "mnist_fashion": "configs/dev_mnist_fashion.yaml",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cmtl.compare import parse_strategies, run_compare
+    from cmtl.config import load_config
+    from cmtl.runner import versions
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--streams", default=",".join(STREAMS))
+    p.add_argument("--strategies", default=None, help="comma-separated (default: all)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench_accuracy"))
+    args = p.parse_args(argv)
+    strategies = parse_strategies(args.strategies)
+    out = Path(args.out).resolve()
+    os.chdir(ROOT)  # the dev configs name ../shared/data relative to the project root
+    report = {"versions": versions(), "seeds": args.seeds, "overrides": args.overrides, "streams": {}}
+    for stream in args.streams.split(","):
+        if stream not in STREAMS:
+            print(f"unknown stream {stream!r}; valid: {', '.join(STREAMS)}", file=sys.stderr)
+            return 2
+        cfg = load_config(ROOT / STREAMS[stream], args.overrides)
+        print(f"== {stream} ({STREAMS[stream]}) ==", flush=True)
+        t0 = time.time()
+        summary = run_compare(cfg, strategies, seeds=args.seeds, out=out / stream)
+        summary["wall_time"] = time.time() - t0
+        report["streams"][stream] = summary
+        (out / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
