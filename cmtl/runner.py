@@ -198,9 +198,9 @@ def _progress_plugin(enabled: bool, state: RunState):
             )
 
         def after_training_iteration(self, strategy, **kwargs):
-            if self.bar is not None:
+            if self.bar is not None and not self.bar.disable:
                 self.bar.update(1)
-                self.bar.set_postfix(loss=f"{float(strategy.loss):.3f}", refresh=False)
+                self.bar.set_postfix(loss=f"{float(strategy.loss.detach()):.3f}", refresh=False)
 
         def after_training_epoch(self, strategy, **kwargs):
             if self.bar is not None:
