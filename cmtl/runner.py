@@ -159,15 +159,15 @@ def _buffer_stats(strategy) -> tuple[int, int]:
     return 0, 0
 
 
-def _evaluator(csv_dir: Path, cfg: ExperimentConfig):
+def _evaluator(csv_dir: Path, cfg: ExperimentConfig, write: bool = True):
     from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
     from avalanche.logging import CSVLogger, TensorboardLogger
     from avalanche.training.plugins import EvaluationPlugin
 
     loggers = []
-    if cfg.logging.csv:
+    if cfg.logging.csv and write:
         loggers.append(CSVLogger(log_folder=str(csv_dir)))
-    if cfg.logging.tensorboard:
+    if cfg.logging.tensorboard and write:
         loggers.append(TensorboardLogger(tb_log_dir=str(csv_dir.parent / "tensorboard")))
     return EvaluationPlugin(
         accuracy_metrics(experience=True, stream=True), forgetting_metrics(experience=True), loggers=loggers
@@ -347,22 +347,45 @@ def run_experiment(
     """Run `cfg` end to end and write the run directory; returns the content of `results.json`.
 
     A checkpoint is written after every task; `resume=True` continues from it (same config needed).
+    Under torchrun every rank trains its shard of the data and rank 0 writes the run directory.
     """
+    from cmtl import distributed as D
+
+    device = resolve_device(cfg.device)
+    # Avalanche builds loggers when avalanche.training is first imported, which it refuses to do on
+    # a non-main rank once torch.distributed is up: import it before joining the process group
+    import cmtl.strategies  # noqa: F401
+
+    ctx = D.init_distributed(device) if D.launched_by_torchrun() else None
+    if ctx is not None:
+        device = ctx.device
+    try:
+        return _run(cfg, out, echo, progress, resume, device, ctx)
+    finally:
+        if ctx is not None:
+            D.shutdown()
+
+
+def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
+    from cmtl import distributed as D
     from cmtl.checkpoint import CHECKPOINT_NAME, load_checkpoint, set_rng_state
     from cmtl.metrics import format_matrix, summarize
     from cmtl.snapshot import save_snapshot
     from cmtl.strategies import build_strategy
     from cmtl.strategies.state import load_strategy_state
 
-    device = resolve_device(cfg.device)
+    main_proc = ctx is None or ctx.is_main  # only rank 0 writes and prints
+    if not main_proc:
+        echo, progress = (lambda _msg: None), False
     run_dir = prepare_run_dir(cfg, out, resume)
+    D.barrier()
     checkpoint = None
     if resume:
         checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
         diff = _first_difference(_comparable(config_to_dict(cfg)), _comparable(checkpoint[1]["config"]))
         if diff:
             raise ConfigError(f"--resume: the config differs from the checkpointed run's at {diff}")
-    else:
+    elif main_proc:
         save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.seed)
     started = time.time()
@@ -395,7 +418,7 @@ def run_experiment(
         cfg.strategy,
         classes_per_task=stream.classes_per_task,
         device=device,
-        evaluator=_evaluator(csv_dir, cfg),
+        evaluator=_evaluator(csv_dir, cfg, write=main_proc),
         plugins=[_progress_plugin(show, state), _guard_plugin(state, stop, run_dir)],
     )
     train, test = stream.benchmark.train_stream, stream.benchmark.test_stream
@@ -430,9 +453,10 @@ def run_experiment(
                 state.open_after.append(len(model.open_adapters))
                 _echo_row(echo, state, f"task {i}")
                 elapsed = elapsed_before + time.time() - started
-                _write_checkpoint(
-                    run_dir, model, strategy, state, {**ckpt_meta, "done": i + 1, "elapsed": elapsed}
-                )
+                if main_proc:
+                    _write_checkpoint(
+                        run_dir, model, strategy, state, {**ckpt_meta, "done": i + 1, "elapsed": elapsed}
+                    )
                 if stop["signal"] is not None:
                     raise RunInterrupted(stop["signal"])
     except RunInterrupted as e:
@@ -450,6 +474,7 @@ def run_experiment(
 
     summary = summarize(state.matrix)
     buffer_samples, buffer_bytes = _buffer_stats(strategy)
+    checksums = D.gather_strings(D.state_checksum(model.state_dict()))
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,
         "name": cfg.name,
@@ -469,7 +494,12 @@ def run_experiment(
         "buffer_samples": buffer_samples,
         "buffer_bytes": buffer_bytes,
         "versions": versions(),
+        "world_size": len(checksums),
     }
+    if len(checksums) > 1:
+        results["distributed"] = {"model_checksums": checksums, "ranks_identical": len(set(checksums)) == 1}
+    if not main_proc:
+        return results
     meta = {
         "task_classes": stream.task_classes,
         "image_size": stream.image_size,

@@ -14,13 +14,16 @@ from avalanche.training import JointTraining
 from avalanche.training.plugins import EWCPlugin, LwFPlugin, SupervisedPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
+from torch.utils.data import DataLoader
 
 from cmtl.config import StrategyConfig
 from cmtl.continual import EMTALConfig
+from cmtl.distributed import is_distributed
 from cmtl.model import CMTLModel
 from cmtl.optim import lr_factor, make_optimizer, set_lr
 from cmtl.recipes import StrategySpec
 
+from .distributed import DistributedSync
 from .emtal import AvalancheCMTL, EMTALPlugin
 from .state import replay_plugin
 
@@ -46,12 +49,27 @@ class TaskLRSchedule(SupervisedPlugin):
 
 
 class _FreshOptimizer:
-    """Fresh optimiser state per experience; parameters merged away are dropped from the optimiser."""
+    """Fresh optimiser state per experience; parameters merged away are dropped from the optimiser.
+
+    Under torch.distributed every rank evaluates the whole test set (exact metrics, no padding
+    duplicates from a distributed sampler); training data stays sharded.
+    """
 
     def make_optimizer(self, **kwargs):
         kwargs["reset_optimizer_state"] = True
         kwargs["remove_params"] = True
         super().make_optimizer(**kwargs)
+
+    def make_eval_dataloader(self, num_workers=0, **kwargs):
+        super().make_eval_dataloader(num_workers=num_workers, **kwargs)
+        if is_distributed():
+            collate = getattr(self.adapted_dataset, "collate_fn", None)
+            self.dataloader = DataLoader(
+                self.adapted_dataset,
+                batch_size=self.eval_mb_size,
+                num_workers=num_workers,
+                collate_fn=collate,
+            )
 
 
 class CMTLStrategy(_FreshOptimizer, SupervisedTemplate):
@@ -145,6 +163,8 @@ def build_strategy(
         for n in classes_per_task:
             model.add_task(n, adapter=False)
         optimizer = make_optimizer(st.optimizer, net.parameters(), lr, st.weight_decay, st.momentum)
+        if is_distributed():
+            extra.append(DistributedSync())
         return CMTLJoint(model=net, optimizer=optimizer, plugins=extra, **common)
     if spec.avalanche == "replay":
         extra.append(replay_plugin(st.buffer_size))
@@ -155,4 +175,6 @@ def build_strategy(
     elif spec.avalanche is not None:
         raise ValueError(f"unknown Avalanche component {spec.avalanche!r}; valid: joint, replay, lwf, ewc")
     optimizer = make_optimizer(st.optimizer, net.parameters(), lr, st.weight_decay, st.momentum)
+    if is_distributed():
+        extra.append(DistributedSync())
     return CMTLStrategy(model=net, optimizer=optimizer, plugins=[EMTALPlugin(spec.emtal), *extra], **common)
