@@ -166,16 +166,19 @@ def test_cli_eval_and_inspect(til_run, capsys, tmp_path):
     assert "does not match" in capsys.readouterr().err
 
 
-def test_compare_table_has_every_requested_strategy(tmp_path, capsys, monkeypatch):
+def test_compare_table_has_every_baseline(tmp_path, capsys, monkeypatch):
+    from cmtl.config import STRATEGY_NAMES
+
     monkeypatch.chdir(tmp_path)
-    args = ["compare", "--strategies", "emtal,naive,lora", "--out", str(tmp_path / "cmp")]
+    args = ["compare", "--out", str(tmp_path / "cmp")]  # no --strategies: all of them
     assert main([*args, *sum((["--set", s] for s in TINY), []), "--set", "scenario.n_tasks=2"]) == 0
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert [r["strategy"] for r in summary["rows"]] == ["emtal", "naive", "lora"]
+    assert [r["strategy"] for r in summary["rows"]] == list(STRATEGY_NAMES)
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    for name in ("emtal", "naive", "lora"):
+    for name in STRATEGY_NAMES:
         assert name in out and f"| {name}" in md
+    assert all(len(m) == 1 for m in summary["runs"].values())  # one seed each
 
 
 def test_image_folder_stream_end_to_end(tmp_path):
