@@ -51,7 +51,6 @@ from cmtl.losses import (
     get_distill_loss,
     kl_distill,
     list_distill_losses,
-    masked_cross_entropy,
 )
 
 __all__ = [
@@ -84,7 +83,8 @@ class QRConfig:
         loss: Distance to the stored logits, a name from `cmtl.losses` ("kl" or "mse").
         temperature: Temperature of the KL terms (replay with `loss="kl"` and the in-task term).
         lambda_replay: Weight of the distillation term on buffer batches.
-        ce_weight: Weight of cross-entropy on buffer labels (0: distillation only).
+        ce_weight: Weight of cross-entropy on buffer labels over all current classes (0: distillation
+            only). Needed in class-incremental streams, where it calibrates old against new classes.
         bank_momentum: EMA momentum of the per-class logit bank (weight of the old value).
         ce_momentum: EMA momentum of each task's running cross-entropy.
         in_task_weight: Scale of the in-task QR term (0 disables it); the term is
@@ -629,9 +629,11 @@ class QRBuffer:
         mask = F.pad(batch.mask.to(dev), (0, width - stored), value=False)
         terms = {"qr": self.config.lambda_replay * self.distill(student_logits, teacher, mask)}
         if self.config.ce_weight > 0:
-            terms["qr_ce"] = self.config.ce_weight * masked_cross_entropy(
-                student_logits, batch.y.to(dev), mask
-            )
+            # over every column the student has now: in a class-incremental head this is what
+            # teaches that an old sample is none of the classes added since it was stored (the
+            # distillation term cannot, its mask stops at the classes known then); TIL's padding
+            # columns hold -1e4 and add nothing
+            terms["qr_ce"] = self.config.ce_weight * F.cross_entropy(student_logits, batch.y.to(dev))
         return terms
 
     # ------------------------------------------------------------------------------------- checkpoints

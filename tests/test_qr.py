@@ -408,8 +408,10 @@ def test_replay_loss_wider_cil_student(loss):
     wider = torch.cat([student, torch.randn(8, 4) * 50], dim=1)  # new classes the stored logits never saw
     got = qr.replay_loss(wider, batch)
     assert set(got) == {"qr", "qr_ce"}
-    for k in got:
-        assert got[k].item() == pytest.approx(ref[k].item(), rel=1e-6)
+    assert got["qr"].item() == pytest.approx(ref["qr"].item(), rel=1e-6)  # distillation: old classes only
+    # cross-entropy spans every current class: large new-class logits on old samples are penalised
+    assert got["qr_ce"].item() == pytest.approx(0.5 * F.cross_entropy(wider, batch.y).item(), rel=1e-6)
+    assert got["qr_ce"].item() > ref["qr_ce"].item()
     distill = create_distill_loss(loss, **({"temperature": 2.0} if loss == "kl" else {}))
     assert ref["qr"].item() == pytest.approx(
         2.0 * distill(student, batch.logits, batch.mask).item(), rel=1e-6
@@ -438,12 +440,14 @@ def test_gradients_flow_to_student_only():
     qr = _filled_buffer(ce_weight=1.0)
     batch = qr.sample(6, torch.Generator().manual_seed(0))
     student = torch.randn(6, 5, requires_grad=True)
-    terms = qr.replay_loss(student, batch)
-    sum(terms.values()).backward()
+    qr.replay_loss(student, batch)["qr"].backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
     width = batch.logits.shape[1]
-    assert width < 5 and (student.grad[:, width:] == 0).all()  # columns no stored sample knows
+    assert width < 5 and (student.grad[:, width:] == 0).all()  # distillation: columns no sample knows
     assert (student.grad[:, :width][~batch.mask] == 0).all()
+    student.grad = None
+    qr.replay_loss(student, batch)["qr_ce"].backward()
+    assert (student.grad[:, width:] != 0).all()  # cross-entropy pushes new classes down on old samples
     assert all(not t.requires_grad for t in qr.buffer.values())
     assert not qr._bank or all(not b.requires_grad for b in qr._bank.values())
     # the in-task term: the bank entry is a constant
