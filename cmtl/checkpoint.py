@@ -28,7 +28,8 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, corrupted or from an incompatible run."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory, where the platform allows it (some cannot open directories)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -54,7 +55,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

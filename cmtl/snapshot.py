@@ -36,6 +36,7 @@ from timm.models._hub import save_config_for_hf
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from cmtl.checkpoint import fsync_path
 from cmtl.heads import MODES, TaskHeads
 from cmtl.lora import LoRALinear
 from cmtl.model import CMTLModel
@@ -134,8 +135,8 @@ def save_snapshot(model: CMTLModel, path: str | Path, meta: dict) -> Path:
         save_file(heads, str(tmp / HEADS_FILE), metadata={"format": "pt"})
         (tmp / META_FILE).write_text(meta_text + "\n")
         for name in SNAPSHOT_FILES:
-            _fsync(tmp / name)
-        _fsync(tmp)
+            fsync_path(tmp / name)
+        fsync_path(tmp)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -289,19 +290,6 @@ def _check_config_rebuilds(config_path: Path, backbone: VisionTransformer) -> No
         )
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _replace_dir(tmp: Path, path: Path) -> None:
     # two renames: a crash between them leaves the old snapshot in the `.old-<pid>` sibling
     if path.exists():
@@ -317,7 +305,7 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
     else:
         os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 # -- loading ----------------------------------------------------------------------------------------
