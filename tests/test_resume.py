@@ -128,8 +128,6 @@ def test_resume_with_a_different_config_is_refused(tmp_path, capsys):
 
 
 def test_nan_loss_stops_with_task_and_step(tmp_path, capsys):
-    from cmtl.runner import run_experiment
-
     out = tmp_path / "nan"
     code = main(
         ["run", *SETS, "--set", "strategy.name=naive", "--set", "strategy.lr=1e12", "--out", str(out)]
@@ -138,7 +136,6 @@ def test_nan_loss_stops_with_task_and_step(tmp_path, capsys):
     assert code == 2 and len(err) == 1, err
     assert "training loss is" in err[0] and "at task" in err[0] and "step" in err[0]
     assert not (out / "results.json").exists()
-    del run_experiment
 
 
 def test_crafted_pickle_checkpoint_is_refused_without_running_code(tmp_path, capsys):
