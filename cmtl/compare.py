@@ -48,7 +48,7 @@ def run_compare(
 ) -> dict[str, Any]:
     """Run every strategy with seeds cfg.seed, cfg.seed+1, ...; write compare.json and compare.md."""
     from cmtl.metrics import compare_table, mean_std
-    from cmtl.runner import prepare_run_dir, run_experiment, write_json
+    from cmtl.runner import run_experiment, write_json
 
     if seeds < 1:
         raise ConfigError(f"--seeds is {seeds}; valid: an int >= 1")
@@ -62,8 +62,7 @@ def run_compare(
             run_cfg = copy.deepcopy(cfg)
             run_cfg.strategy.name, run_cfg.seed = name, seed
             run_cfg.name = f"{name}_seed{seed}"
-            run_dir = prepare_run_dir(run_cfg, root / run_cfg.name)
-            res = run_experiment(run_cfg, out=run_dir, echo=lambda _msg: None, progress=False)
+            res = run_experiment(run_cfg, out=root / run_cfg.name, echo=lambda _msg: None, progress=False)
             runs.setdefault(name, []).append(res)
             forgetting = res["forgetting"]
             echo(

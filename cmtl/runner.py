@@ -252,7 +252,7 @@ class TrainingDiverged(ValueError):
     """The training loss became NaN or infinite."""
 
 
-def _guard_plugin(state: RunState, stop: dict[str, Any], run_dir: Path):
+def _guard_plugin(stop: dict[str, Any], run_dir: Path):
     """Stops on NaN/inf loss (naming task and step) and after the step in which a signal arrived."""
     from avalanche.training.plugins import SupervisedPlugin
 
@@ -415,7 +415,7 @@ def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
         classes_per_task=stream.classes_per_task,
         device=device,
         evaluator=_evaluator(csv_dir, cfg, write=main_proc),
-        plugins=[_progress_plugin(show, state), _guard_plugin(state, stop, run_dir)],
+        plugins=[_progress_plugin(show, state), _guard_plugin(stop, run_dir)],
     )
     train, test = stream.benchmark.train_stream, stream.benchmark.test_stream
     if checkpoint is not None:
