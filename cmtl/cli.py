@@ -27,7 +27,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = args.config
     if args.resume and config is None:  # continue with the run's own resolved config
-        run_dir = Path(args.out) if args.out else Path(load_config(None, args.overrides).out) / "default"
+        default = load_config(None, args.overrides)
+        run_dir = Path(args.out) if args.out else Path(default.out) / default.name
         if (run_dir / "config.yaml").is_file():
             config = str(run_dir / "config.yaml")
     cfg = load_config(config, args.overrides)

@@ -153,3 +153,14 @@ def test_crafted_pickle_checkpoint_is_refused_without_running_code(tmp_path, cap
     assert main(["run", *SETS, "--resume", "--out", str(run)]) == 2
     assert "checkpoint" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_resume_without_out_finds_the_named_run(tmp_path, capsys, monkeypatch):
+    from cmtl.runner import run_experiment
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, [*TINY, "name=mine"])
+    with pytest.raises(_Stop):
+        run_experiment(cfg, echo=_stop_at("task 1:"))  # writes runs/mine
+    assert main(["run", "--resume", "--set", "name=mine"]) == 0
+    assert (tmp_path / "runs" / "mine" / "results.json").exists()
