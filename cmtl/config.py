@@ -477,7 +477,8 @@ class StrategyConfig(_Section):
         lwf_temperature: LwF temperature.
         ewc_lambda: EWC penalty weight.
         num_workers: DataLoader workers.
-        checkpoint_every_epochs: Reserved for mid-task checkpoints; must be None (one after every task).
+        checkpoint_every_epochs: Also checkpoint inside a task every this many epochs (None: only after
+            every task, and on SIGINT/SIGTERM).
     """
 
     _section: ClassVar[str] = "strategy"
@@ -518,12 +519,6 @@ class StrategyConfig(_Section):
         _one_of(self, "qr_loss", QR_LOSSES)
         _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "backbone_lr", "qr_temperature")
         _positive(self, "lwf_temperature", "buffer_per_class", "checkpoint_every_epochs")
-        if self.checkpoint_every_epochs is not None:
-            _fail(
-                self._key("checkpoint_every_epochs"),
-                self.checkpoint_every_epochs,
-                "null for now (checkpoints follow every task; mid-task ones are not built yet)",
-            )
         _non_negative(self, "weight_decay", "warmup_epochs", "buffer_size", "num_workers")
         _non_negative(self, "qr_lambda", "qr_ce_weight", "lwf_alpha", "ewc_lambda")
         if not 0.0 <= self.momentum < 1.0:

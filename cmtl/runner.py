@@ -252,26 +252,42 @@ class TrainingDiverged(ValueError):
     """The training loss became NaN or infinite."""
 
 
-def _guard_plugin(stop: dict[str, Any], run_dir: Path):
-    """Stops on NaN/inf loss (naming task and step) and after the step in which a signal arrived."""
+def _guard_plugin(stop: dict[str, Any], run_dir: Path, mid_task: Callable | None, every_epochs: int | None):
+    """Stops on NaN/inf loss (naming task and step), and before the next step once a signal arrived.
+
+    Install it first: its `before_training_iteration` writes mid-task checkpoints (on a signal, and
+    every `every_epochs` epochs) before any other plugin has advanced its state for the step.
+    `mid_task(strategy)` writes one and returns where it is, or None where it cannot (torchrun).
+    """
     from avalanche.training.plugins import SupervisedPlugin
 
     class Guard(SupervisedPlugin):
-        def before_backward(self, strategy, **kwargs):
-            loss = strategy.loss
+        def before_training_iteration(self, strategy, **kwargs):
+            clock = strategy.clock
+            if stop["signal"] is not None:
+                where = mid_task(strategy) if mid_task is not None else None
+                raise RunInterrupted(stop["signal"], where)
+            epoch = clock.train_exp_epochs
+            if (
+                every_epochs
+                and mid_task
+                and clock.train_epoch_iterations == 0
+                and epoch
+                and epoch % every_epochs == 0
+            ):
+                mid_task(strategy)
+
+        def after_backward(self, strategy, **kwargs):
+            loss = strategy.loss  # with every plugin's terms added
             if not bool(torch.isfinite(loss.detach()).all()):
                 task = strategy.experience.current_experience
                 step = strategy.clock.train_exp_iterations
                 epoch = strategy.clock.train_exp_epochs
-                kept = f"after task {task - 1}" if task else "none yet"
                 raise TrainingDiverged(
                     f"training loss is {float(loss.detach()):g} at task {task}, epoch {epoch}, step {step}; "
-                    f"last good checkpoint: {kept} in {run_dir} (try a lower strategy.lr)"
+                    f"last good checkpoint: {stop.get('last') or 'none yet'} in {run_dir} "
+                    "(try a lower strategy.lr)"
                 )
-
-        def after_training_iteration(self, strategy, **kwargs):
-            if stop["signal"] is not None:
-                raise RunInterrupted(stop["signal"])
 
     return Guard()
 
@@ -311,7 +327,12 @@ def _rebuild_structure(model: CMTLModel, classes_per_task: list[int], open_after
 
 
 def _write_checkpoint(
-    run_dir: Path, model: CMTLModel, strategy, state: RunState, extra: dict[str, Any]
+    run_dir: Path,
+    model: CMTLModel,
+    strategy,
+    state: RunState,
+    extra: dict[str, Any],
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     from cmtl.checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint
     from cmtl.strategies.state import strategy_state
@@ -321,6 +342,7 @@ def _write_checkpoint(
     tensors.update({f"strategy.{k}": v for k, v in s_tensors.items()})
     r_tensors, r_meta = rng_state()
     tensors.update(r_tensors)
+    tensors.update(extra_tensors or {})
     meta = {
         **extra,
         "matrix": state.matrix,
@@ -342,7 +364,9 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run `cfg` end to end and write the run directory; returns the content of `results.json`.
 
-    A checkpoint is written after every task; `resume=True` continues from it (same config needed).
+    A checkpoint is written after every task, inside a task on SIGINT/SIGTERM (after the current
+    step) and every `strategy.checkpoint_every_epochs` epochs; `resume=True` continues from it
+    (same config needed) to the same results as an uninterrupted run.
     Under torchrun every rank trains its shard of the data and rank 0 writes the run directory.
     """
     from cmtl import distributed as D
@@ -368,7 +392,7 @@ def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
     from cmtl.metrics import format_matrix, summarize
     from cmtl.snapshot import save_snapshot
     from cmtl.strategies import build_strategy
-    from cmtl.strategies.state import load_strategy_state
+    from cmtl.strategies.state import ResumePoint, load_strategy_state
 
     main_proc = ctx is None or ctx.is_main  # only rank 0 writes and prints
     if not main_proc:
@@ -392,22 +416,49 @@ def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
     model = CMTLModel(backbone, spec.adapter, mode=stream.mode, moefy_seed=cfg.model.moefy_seed)
     state = RunState()
     elapsed_before = 0.0
+    position = None  # where inside a task a mid-task checkpoint was written
+    model_state: dict[str, torch.Tensor] = {}
     if checkpoint is not None:
         tensors, meta = checkpoint
+        position = meta.get("position")
         state = RunState(meta["matrix"], meta["wall_time"], meta["trainable"], meta["open_after"])
         elapsed_before = float(meta["elapsed"])
         _rebuild_structure(model, stream.classes_per_task[: meta["done"]], state.open_after)
         model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        try:
-            model.load_state_dict(model_state, strict=True)
-        except RuntimeError as e:
-            raise ConfigError(
-                f"--resume: checkpoint does not match the model: {str(e).splitlines()[0]}"
-            ) from None
+        if position is None:  # else: loaded once the resumed task has added its adapter and head
+            try:
+                model.load_state_dict(model_state, strict=True)
+            except RuntimeError as e:
+                raise ConfigError(
+                    f"--resume: checkpoint does not match the model: {str(e).splitlines()[0]}"
+                ) from None
     done = len(state.matrix) if spec.avalanche != "joint" else 0
     show = cfg.logging.progress if progress is None else progress
-    stop: dict[str, Any] = {"signal": None}
+    stop: dict[str, Any] = {"signal": None, "last": None}
+    if done:
+        stop["last"] = f"after task {done - 1}"
     csv_dir = run_dir / ("avalanche_csv" if not resume else f"avalanche_csv_resumed_at_task{done}")
+    ckpt_meta = {"config": config_to_dict(cfg), "versions": versions()}
+    task_clock = {"start": time.time(), "before": 0.0}  # time spent in the current task
+
+    def mid_task(strat) -> str | None:
+        """Write a checkpoint inside the current task; None where that is not supported."""
+        from cmtl.strategies.state import mid_task_state
+
+        if not main_proc or ctx is not None or spec.avalanche == "joint":
+            return None  # torchrun ranks and joint training resume from the last finished task
+        r_tensors, pos = mid_task_state(strat)
+        n = len(state.matrix)
+        pos["task_elapsed"] = task_clock["before"] + time.time() - task_clock["start"]
+        kept = RunState(state.matrix, state.wall_time, state.trainable[:n], state.open_after)
+        extra = {**ckpt_meta, "done": n, "elapsed": elapsed_before + time.time() - started, "position": pos}
+        _write_checkpoint(
+            run_dir, model, strat, kept, extra, {f"resume.{k}": v for k, v in r_tensors.items()}
+        )
+        where = f"inside task {pos['task']} (epoch {pos['epoch'] + 1}, step {pos['iteration']})"
+        stop["last"] = where
+        return where
+
     strategy = build_strategy(
         spec,
         model,
@@ -415,21 +466,36 @@ def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
         classes_per_task=stream.classes_per_task,
         device=device,
         evaluator=_evaluator(csv_dir, cfg, write=main_proc),
-        plugins=[_progress_plugin(show, state), _guard_plugin(stop, run_dir)],
+        plugins=[
+            _guard_plugin(stop, run_dir, mid_task, cfg.strategy.checkpoint_every_epochs),
+            _progress_plugin(show, state),
+        ],
     )
     train, test = stream.benchmark.train_stream, stream.benchmark.test_stream
     if checkpoint is not None:
         tensors, meta = checkpoint
         s_tensors = {k[9:]: v for k, v in tensors.items() if k.startswith("strategy.")}
         load_strategy_state(strategy, s_tensors, meta["strategy_state"], train)
+        if position is not None:
+            emtal = None
+            if "emtal" in meta["strategy_state"]:
+                emtal_tensors = {k[6:]: v for k, v in s_tensors.items() if k.startswith("emtal.")}
+                emtal = {"tensors": emtal_tensors, "meta": meta["strategy_state"]["emtal"]}
+            r_tensors = {k[7:]: v for k, v in tensors.items() if k.startswith("resume.")}
+            strategy.resume_point = ResumePoint(r_tensors, position, model_state, emtal)
+            task_clock["before"] = float(position["task_elapsed"])
+            echo(
+                f"cmtl run: resuming {run_dir} inside task {done} "
+                f"(epoch {position['epoch'] + 1}, step {position['iteration']})"
+            )
+        else:
+            echo(f"cmtl run: resuming {run_dir} after task {done - 1}")
         set_rng_state(tensors, meta["rng"])  # last: everything above may draw random numbers
-        echo(f"cmtl run: resuming {run_dir} after task {done - 1}")
     echo(
         f"cmtl run: {cfg.strategy.name} on {stream.name} ({stream.mode}, {stream.num_tasks} tasks, "
         f"{stream.num_classes} classes), {cfg.model.name}, device {device}, run dir {run_dir}"
     )
     kwargs = {"num_workers": cfg.strategy.num_workers}
-    ckpt_meta = {"config": config_to_dict(cfg), "versions": versions()}
     old_handlers = _install_signal_handlers(stop)
     try:
         if spec.avalanche == "joint":
@@ -441,9 +507,10 @@ def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
             _echo_row(echo, state, "all tasks")
         else:
             for i in range(done, stream.num_tasks):
-                t0 = time.time()
+                task_clock["start"] = time.time()
                 strategy.train(train[i], **kwargs)
-                state.wall_time.append(time.time() - t0)
+                state.wall_time.append(task_clock["before"] + time.time() - task_clock["start"])
+                task_clock["before"] = 0.0
                 res = strategy.eval(test[: i + 1], **kwargs)
                 state.matrix.append([float(res[accuracy_key(stream.mode, j)]) for j in range(i + 1)])
                 state.open_after.append(len(model.open_adapters))
@@ -453,13 +520,13 @@ def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
                     _write_checkpoint(
                         run_dir, model, strategy, state, {**ckpt_meta, "done": i + 1, "elapsed": elapsed}
                     )
+                    stop["last"] = f"after task {i}"
                 if stop["signal"] is not None:
                     raise RunInterrupted(stop["signal"])
     except RunInterrupted as e:
-        last = len(state.matrix) - 1
-        kept = f"after task {last}" if last >= 0 else "none (stopped during the first task)"
+        kept = stop["last"] or "none (stopped before the first checkpoint)"
         raise RunInterrupted(
-            f"{e} received: stopped after the current step; last checkpoint: {kept}. "
+            f"{e.args[0]} received: stopped before the next step; last checkpoint: {kept}. "
             f"Resume with: cmtl run --resume --out {run_dir}"
         ) from None
     finally:

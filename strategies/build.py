@@ -48,12 +48,74 @@ class TaskLRSchedule(SupervisedPlugin):
         self.step += 1
 
 
+class _Resumed:
+    """A data loader whose iteration continues an iterator already positioned (keeps `len`)."""
+
+    def __init__(self, loader, batches):
+        self.loader, self.batches = loader, batches
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        return self.batches
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
 class _FreshOptimizer:
     """Fresh optimiser state per experience; parameters merged away are dropped from the optimiser.
 
     Under torch.distributed every rank evaluates the whole test set (exact metrics, no padding
     duplicates from a distributed sampler); training data stays sharded.
+
+    Also resumable inside an experience: set `resume_point` (a `state.ResumePoint`) before
+    `train(experience)` and the experience continues at the checkpointed epoch and step. To make
+    such checkpoints possible the RNG state is noted at the start of every epoch (`epoch_rng`) and
+    after every step (`fetch_rng`); see `state.mid_task_state`.
     """
+
+    resume_point = None
+    epoch_rng = None
+    fetch_rng = None
+    _skip_to = None
+
+    def _train_exp(self, experience, eval_streams=None, **kwargs):
+        point, self.resume_point = self.resume_point, None
+        if point is None:
+            return super()._train_exp(experience, eval_streams, **kwargs)
+        for epoch in range(point.epoch, self.train_epochs):
+            self._before_training_epoch(**kwargs)
+            if self._stop_training:
+                self._stop_training = False
+                break
+            if epoch == point.epoch:
+                point.restore(self)
+                self._skip_to = point
+            self.training_epoch(**kwargs)
+            self._after_training_epoch(**kwargs)
+
+    def training_epoch(self, **kwargs):
+        from cmtl.checkpoint import rng_state
+
+        point, self._skip_to = self._skip_to, None
+        if point is None:
+            self.epoch_rng = self.fetch_rng = rng_state()
+            return super().training_epoch(**kwargs)
+        loader = self.dataloader
+        self.epoch_rng = (point.epoch_rng, point.meta["epoch_rng"])
+        self.dataloader = _Resumed(loader, point.batches(loader))
+        try:
+            return super().training_epoch(**kwargs)
+        finally:
+            self.dataloader = loader
+
+    def _after_training_iteration(self, **kwargs):
+        from cmtl.checkpoint import rng_state
+
+        super()._after_training_iteration(**kwargs)
+        self.fetch_rng = rng_state()  # the next batch's augmentation draws from this
 
     def make_optimizer(self, **kwargs):
         kwargs["reset_optimizer_state"] = True
@@ -142,7 +204,8 @@ def build_strategy(
 ) -> SupervisedTemplate:
     """An Avalanche strategy for `spec` training `model` with the `strategy` config section.
 
-    `classes_per_task` is needed by `joint`, which creates every head before training.
+    `classes_per_task` is needed by `joint`, which creates every head before training. `plugins`
+    come first, so their callbacks see each step before the strategy's own plugins.
     """
     model.set_backbone_trainable(spec.backbone_trainable)
     net = AvalancheCMTL(model)
@@ -156,7 +219,7 @@ def build_strategy(
         evaluator=evaluator,
         eval_every=-1,
     )
-    extra: list[SupervisedPlugin] = [TaskLRSchedule(lr, st.scheduler, st.warmup_epochs), *plugins]
+    extra: list[SupervisedPlugin] = [TaskLRSchedule(lr, st.scheduler, st.warmup_epochs)]
     if spec.avalanche == "joint":
         if classes_per_task is None:
             raise ValueError("strategy 'joint' needs classes_per_task to create every head up front")
@@ -165,7 +228,7 @@ def build_strategy(
         optimizer = make_optimizer(st.optimizer, net.parameters(), lr, st.weight_decay, st.momentum)
         if is_distributed():
             extra.append(DistributedSync())
-        return CMTLJoint(model=net, optimizer=optimizer, plugins=extra, **common)
+        return CMTLJoint(model=net, optimizer=optimizer, plugins=[*plugins, *extra], **common)
     if spec.avalanche == "replay":
         extra.append(replay_plugin(st.buffer_size))
     elif spec.avalanche == "lwf":
@@ -177,4 +240,6 @@ def build_strategy(
     optimizer = make_optimizer(st.optimizer, net.parameters(), lr, st.weight_decay, st.momentum)
     if is_distributed():
         extra.append(DistributedSync())
-    return CMTLStrategy(model=net, optimizer=optimizer, plugins=[EMTALPlugin(spec.emtal), *extra], **common)
+    return CMTLStrategy(
+        model=net, optimizer=optimizer, plugins=[*plugins, EMTALPlugin(spec.emtal), *extra], **common
+    )

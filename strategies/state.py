@@ -2,7 +2,9 @@
 
 `strategy_state(strategy)` returns `(tensors, meta)` (plain tensors + JSON) and
 `load_strategy_state(strategy, tensors, meta, train_stream)` puts it back into a freshly built
-strategy, so a resumed run continues exactly where the checkpoint was written (between experiences).
+strategy, so a resumed run continues exactly where the checkpoint was written. Inside an
+experience, `mid_task_state(strategy)` adds the optimiser, clock, schedule and RNG position, and a
+`ResumePoint` set on the strategy continues the experience from there.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ def strategy_state(strategy) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             meta["ewc"] = ewc
         elif isinstance(p, LwFPlugin):
             meta["lwf"] = {"experiences": p.lwf.expcount}
+            if p.lwf.prev_model is not None:  # inside a task the live model has moved on from it
+                tensors.update({f"lwf.prev.{k}": v for k, v in p.lwf.prev_model.state_dict().items()})
         elif isinstance(p, ReplayPlugin):
             policy = p.storage_policy
             if not isinstance(policy, IndexedExperienceBalancedBuffer):
@@ -137,6 +141,9 @@ def load_strategy_state(
             # LwF keeps a copy of the model after the last experience and the classes of each task
             for exp in train_stream[:done]:
                 p.lwf.post_adapt(strategy, exp)  # copies strategy.model: the model after the last one
+            prev = {k[9:]: v for k, v in tensors.items() if k.startswith("lwf.prev.")}
+            if prev and p.lwf.prev_model is not None:  # exact even where the live model is not restored yet
+                p.lwf.prev_model.load_state_dict(prev, strict=True)
         elif isinstance(p, ReplayPlugin):
             policy = p.storage_policy
             policy._num_exps = int(meta["replay"]["num_exps"])
@@ -148,3 +155,153 @@ def load_strategy_state(
                     tensors[f"replay.{exp}.weights"],
                 )
                 policy.buffer_groups[int(exp)] = g
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside an experience: what a mid-task checkpoint adds, and how a strategy continues from it
+# ---------------------------------------------------------------------------------------------
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`optimizer.state_dict()` as plain tensors + JSON (parameters by their position, as torch does)."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    per_param: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        scalars = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v
+            else:
+                scalars[k] = v
+        per_param[str(idx)] = {
+            "scalars": scalars,
+            "tensors": sorted(k for k, v in st.items() if torch.is_tensor(v)),
+        }
+    return tensors, {"state": per_param, "param_groups": sd["param_groups"]}
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    """Put `optimizer_state()` back; the optimiser must hold the same parameters in the same order."""
+    groups = meta["param_groups"]
+    have = [len(g["params"]) for g in optimizer.param_groups]
+    want = [len(g["params"]) for g in groups]
+    if have != want:
+        raise ValueError(f"optimizer has parameter groups of sizes {have}; the checkpoint has {want}")
+    state = {}
+    for idx, entry in meta["state"].items():
+        st = dict(entry["scalars"])
+        st.update({k: tensors[f"{idx}.{k}"] for k in entry["tensors"]})
+        state[int(idx)] = st
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _clock_counters(clock) -> dict[str, int]:
+    return {k: v for k, v in vars(clock).items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _schedule(strategy):
+    from .build import TaskLRSchedule
+
+    return next((p for p in strategy.plugins if isinstance(p, TaskLRSchedule)), None)
+
+
+def mid_task_state(strategy) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Where `strategy` is inside the current experience, for a checkpoint written before a step.
+
+    Call it at `before_training_iteration` ahead of every other plugin (as `cmtl run` does): the
+    step about to run is the first the resumed run takes. Holds the optimiser, the clock, the
+    learning-rate schedule position and the two RNG states that reproduce the data order
+    (`ResumePoint` explains how).
+    """
+
+    clock = strategy.clock
+    tensors, optim_meta = optimizer_state(strategy.optimizer)
+    tensors = {f"optim.{k}": v for k, v in tensors.items()}
+    epoch_rng, fetch_rng = strategy.epoch_rng, strategy.fetch_rng
+    if epoch_rng is None:
+        raise RuntimeError("mid_task_state() needs a strategy inside training_epoch")
+    iteration = clock.train_epoch_iterations
+    if iteration == 0:
+        fetch_rng = epoch_rng
+    tensors.update({f"epoch_{k}": v for k, v in epoch_rng[0].items()})
+    tensors.update({f"fetch_{k}": v for k, v in fetch_rng[0].items()})
+    schedule = _schedule(strategy)
+    meta = {
+        "task": strategy.experience.current_experience,
+        "epoch": clock.train_exp_epochs,
+        "iteration": iteration,
+        "clock": _clock_counters(clock),
+        "schedule_step": None if schedule is None else schedule.step,
+        "optimizer": optim_meta,
+        "epoch_rng": epoch_rng[1],
+        "fetch_rng": fetch_rng[1],
+    }
+    return tensors, meta
+
+
+class ResumePoint:
+    """Continues an experience from `mid_task_state()` plus the model and plugin state saved with it.
+
+    The strategy re-enters the experience normally (adapters and heads are added, the optimiser
+    and data loader are built), then, after the hooks of the checkpointed epoch have run, this
+    restores the model, the EMTAL state, the optimiser, the clock and the schedule. The data order
+    is reproduced from two RNG states: the one at the start of the epoch (the loader's shuffling
+    and worker seeds are drawn from it) and the one just before the checkpointed batch was fetched
+    (its random augmentation is drawn from that). The batches before it are fetched and dropped.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        model_state: dict[str, torch.Tensor],
+        emtal_state: dict | None,
+    ):
+        self.meta = meta
+        self.epoch, self.iteration = int(meta["epoch"]), int(meta["iteration"])
+        self.optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
+        self.epoch_rng = {k[6:]: v for k, v in tensors.items() if k.startswith("epoch_rng.")}
+        self.fetch_rng = {k[6:]: v for k, v in tensors.items() if k.startswith("fetch_rng.")}
+        self.model_state, self.emtal_state = model_state, emtal_state
+
+    def restore(self, strategy) -> None:
+        """Called by the strategy after `before_training_epoch` of the checkpointed epoch."""
+        from cmtl.checkpoint import CheckpointError
+
+        from .emtal import _cmtl
+
+        model = _cmtl(strategy.model)
+        try:
+            model.load_state_dict(self.model_state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(
+                f"mid-task checkpoint does not match the model: {str(e).splitlines()[0]}"
+            ) from None
+        if self.emtal_state is not None:
+            from .build import find_emtal_plugin
+
+            find_emtal_plugin(strategy).load_state_dict(self.emtal_state)
+        load_optimizer_state(strategy.optimizer, self.optim, self.meta["optimizer"])
+        for k, v in self.meta["clock"].items():
+            setattr(strategy.clock, k, int(v))
+        schedule = _schedule(strategy)
+        if schedule is not None and self.meta["schedule_step"] is not None:
+            schedule.step = int(self.meta["schedule_step"])
+
+    def batches(self, loader):
+        """An iterator over `loader` that starts at the checkpointed batch, with the RNG as it was."""
+        import itertools
+
+        from cmtl.checkpoint import set_rng_state
+
+        set_rng_state(self.epoch_rng, self.meta["epoch_rng"])
+        it = iter(loader)
+        if self.iteration == 0:
+            return it
+        for _ in range(self.iteration):
+            next(it)
+        set_rng_state(self.fetch_rng, self.meta["fetch_rng"])
+        return itertools.chain([next(it)], it)

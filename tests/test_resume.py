@@ -74,12 +74,103 @@ def test_stopped_run_resumes_to_identical_results(tmp_path, extra):
     _assert_same_run(tmp_path / "a", tmp_path / "b")
 
 
+def _signal_inside_task(monkeypatch, task, epoch, step):
+    """SIGTERM this process right after the given step (0-based) of the given task and epoch."""
+    import cmtl.runner as runner
+
+    real = runner._progress_plugin
+
+    def progress(enabled, state):
+        plugin = real(enabled, state)
+        after = plugin.after_training_iteration
+
+        def after_iteration(strategy, **kwargs):
+            after(strategy, **kwargs)
+            c = strategy.clock  # its own after_training_iteration (it runs last) has not counted this step
+            if (strategy.experience.current_experience, c.train_exp_epochs, c.train_epoch_iterations) == (
+                task,
+                epoch,
+                step,
+            ):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        plugin.after_training_iteration = after_iteration
+        return plugin
+
+    monkeypatch.setattr(runner, "_progress_plugin", progress)
+
+
+@pytest.mark.parametrize(
+    ("extra", "epoch", "step"),
+    [
+        (["strategy.consolidate_every=2"], 0, 1),  # open adapter, mid-epoch
+        (["strategy.consolidate_every=2"], 0, 3),  # last step of the epoch: resumes at the next one
+        (["strategy.name=replay"], 1, 2),
+        (["strategy.name=ewc"], 1, 0),
+        (["strategy.name=lwf"], 0, 2),
+        (["strategy.name=der", "scenario.mode=cil"], 1, 1),
+    ],
+    ids=["emtal-k2-mid", "emtal-k2-epoch-end", "replay", "ewc", "lwf", "der-cil"],
+)
+def test_interrupted_inside_a_task_resumes_to_identical_results(tmp_path, monkeypatch, extra, epoch, step):
+    from cmtl.checkpoint import load_checkpoint
+    from cmtl.runner import RunInterrupted, run_experiment
+
+    cfg = load_config(None, [*TINY, "strategy.epochs=2", *extra])  # 4 steps per epoch
+    run_experiment(cfg, out=tmp_path / "a", echo=lambda m: None)
+    with monkeypatch.context() as m:
+        _signal_inside_task(m, task=1, epoch=epoch, step=step)
+        with pytest.raises(RunInterrupted, match="last checkpoint: inside task 1"):
+            run_experiment(cfg, out=tmp_path / "b", echo=lambda m: None)
+    _, meta = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")
+    at = (epoch, step + 1) if step < 3 else (epoch + 1, 0)
+    assert (meta["position"]["task"], meta["position"]["epoch"], meta["position"]["iteration"]) == (1, *at)
+    assert meta["done"] == 1 and len(meta["matrix"]) == 1
+    run_experiment(cfg, out=tmp_path / "b", echo=lambda m: None, resume=True)
+    _assert_same_run(tmp_path / "a", tmp_path / "b")
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert len(b["trainable_parameters_per_task"]) == 3 and len(b["wall_time_per_task"]) == 3
+
+
+def test_checkpoint_every_epochs_writes_inside_tasks_and_resumes(tmp_path):
+    from cmtl.checkpoint import load_checkpoint
+    from cmtl.runner import run_experiment
+
+    cfg = load_config(None, [*TINY, "strategy.epochs=3"])
+    every = load_config(None, [*TINY, "strategy.epochs=3", "strategy.checkpoint_every_epochs=2"])
+    run_experiment(cfg, out=tmp_path / "a", echo=lambda m: None)
+    seen = []
+
+    import cmtl.runner as runner
+
+    real = runner._write_checkpoint
+
+    def spy(run_dir, model, strategy, state, extra, extra_tensors=None):
+        real(run_dir, model, strategy, state, extra, extra_tensors)
+        pos = extra.get("position")
+        seen.append(None if pos is None else (pos["task"], pos["epoch"], pos["iteration"]))
+        if pos is not None and pos["task"] == 1:
+            raise _Stop("killed right after the mid-task checkpoint of task 1")
+
+    runner._write_checkpoint = spy
+    try:
+        with pytest.raises(_Stop):
+            run_experiment(every, out=tmp_path / "b", echo=lambda m: None)
+    finally:
+        runner._write_checkpoint = real
+    assert seen == [(0, 2, 0), None, (1, 2, 0)]
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")[1]["position"]["task"] == 1
+    run_experiment(every, out=tmp_path / "b", echo=lambda m: None, resume=True)
+    _assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["run", *SETS, "--out", str(a)]) == 0
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    every = ["--set", "strategy.epochs=3", "--set", "strategy.checkpoint_every_epochs=1"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cmtl", "run", *SETS, "--set", "strategy.epochs=3", "--out", str(b)],
+        [sys.executable, "-m", "cmtl", "run", *SETS, *every, "--out", str(b)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -89,14 +180,14 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
         while not (b / "checkpoint.safetensors").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before it could be killed"
-        time.sleep(0.3)  # now inside task 1
+        time.sleep(0.3)  # a few steps after a checkpoint inside task 0 (or after it)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
     assert not (b / "results.json").exists()
     assert main(["run", "--resume", "--out", str(b)]) == 0  # takes the run's own config.yaml
     a3 = tmp_path / "a3"
-    assert main(["run", *SETS, "--set", "strategy.epochs=3", "--out", str(a3)]) == 0
+    assert main(["run", *SETS, *every, "--out", str(a3)]) == 0
     _assert_same_run(a3, b)
 
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from test_runner import TINY
 
+from cmtl.checkpoint import load_checkpoint
 from cmtl.cli import main
 
 SETS = sum((["--set", s] for s in TINY), [])
@@ -144,5 +145,7 @@ def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "SIGTERM" in err and f"cmtl run --resume --out {out}" in err
+    assert "last checkpoint: inside task 1" in err  # written before the next step, not task 0's
+    assert load_checkpoint(out / "checkpoint.safetensors")[1]["position"]["task"] == 1
     assert not (out / "results.json").exists()
     assert main(["run", "--resume", "--out", str(out)]) == 0
