@@ -473,6 +473,8 @@ class StrategyConfig(_Section):
         qr_lambda: Weight of the QR term on buffer batches.
         qr_ce_weight: Weight of cross-entropy on buffer batches (0: distillation only).
         qr_in_task: Also apply EMTAL's in-task QR (pull toward the class's high-quality logits).
+        weight_aligning: Class-incremental: after every task rescale the newest classes' head rows to
+            the mean norm of the older ones (WA, Zhao et al. 2020), for every strategy but joint.
         lwf_alpha: LwF distillation weight.
         lwf_temperature: LwF temperature.
         ewc_lambda: EWC penalty weight.
@@ -505,6 +507,7 @@ class StrategyConfig(_Section):
     qr_lambda: float = 1.0
     qr_ce_weight: float = 0.0
     qr_in_task: bool = True
+    weight_aligning: bool = False
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
     ewc_lambda: float = 100.0

@@ -45,6 +45,8 @@ class EMTALConfig:
             they are then switched off at once so the merge stays exact.
         consolidate_every: merge the open adapters every `k` tasks (and at the end of the stream).
         qr: QR buffer settings; None disables QR (the `emtal_no_qr` ablation).
+        align_heads: class-incremental only: after every task, rescale the newest classes' head
+            rows to the mean norm of the older ones (weight aligning; see `TaskHeads.align_newest`).
     """
 
     fading_start: float = 0.0
@@ -52,6 +54,7 @@ class EMTALConfig:
     fading: bool = True
     consolidate_every: int = 1
     qr: QRConfig | None = field(default_factory=QRConfig)
+    align_heads: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fading_start <= self.fading_end <= 1.0:
@@ -153,6 +156,8 @@ class EMTALController:
             self.model.set_fading(0.0, self.adapter)
         if self.qr is not None and self.qr.pool_task == self.task:
             self.qr.end_task()
+        if self.config.align_heads:
+            self.model.heads.align_newest()
         self.tasks_since_merge += 1
         if self.tasks_since_merge >= self.config.consolidate_every:
             return self.consolidate()

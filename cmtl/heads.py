@@ -77,6 +77,26 @@ class TaskHeads(nn.Module):
             raise ValueError(f"task label {task} has no head; valid: 0..{len(self.heads) - 1}")
         return self.heads[task]
 
+    @torch.no_grad()
+    def align_newest(self) -> float:
+        """Weight aligning (Zhao et al., CVPR 2020) for class-incremental heads.
+
+        Scales the newest task's rows (weights and biases) so their mean weight norm equals that
+        of the older classes' rows, countering the bias of a head toward the classes it was last
+        trained on. Returns the factor applied (1.0 when there is nothing to align).
+        """
+        if self.mode != "cil" or len(self.heads) < 2:
+            return 1.0
+        old = torch.cat([h.weight for h in self.heads[:-1]]).norm(dim=1).mean()
+        new_head = self.heads[-1]
+        new = new_head.weight.norm(dim=1).mean()
+        if not bool(new > 0):
+            return 1.0
+        gamma = float(old / new)
+        new_head.weight.mul_(gamma)
+        new_head.bias.mul_(gamma)
+        return gamma
+
     def merged_cil_head(self) -> nn.Linear:
         """The class-incremental chunks as one `nn.Linear` (for snapshots and plain inference)."""
         w = torch.cat([h.weight for h in self.heads])

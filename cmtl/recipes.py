@@ -90,6 +90,7 @@ def emtal_config(st: StrategyConfig, qr: QRConfig | None, fading: bool = True) -
         fading=fading,
         consolidate_every=st.consolidate_every,
         qr=qr,
+        align_heads=st.weight_aligning,
     )
 
 

@@ -277,7 +277,7 @@ class ResumePoint:
         try:
             model.load_state_dict(self.model_state, strict=True)
         except RuntimeError as e:
-            raise ValueError(
+            raise CheckpointError(
                 f"mid-task checkpoint does not match the model: {str(e).splitlines()[0]}"
             ) from None
         if self.emtal_state is not None:

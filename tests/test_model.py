@@ -249,3 +249,30 @@ def test_offline_pretrained_names_checkpoint_option(monkeypatch):
     monkeypatch.setattr(bb.timm, "create_model", offline)
     with pytest.raises(ValueError, match="set the `checkpoint` option"):
         create_backbone("vit_tiny_patch16_224", pretrained=True)
+
+
+def test_weight_aligning_matches_new_row_norms_to_old_and_keeps_til_alone():
+    from cmtl.heads import TaskHeads
+
+    torch.manual_seed(0)
+    heads = TaskHeads(16, mode="cil")
+    heads.add_task(3)
+    assert heads.align_newest() == 1.0  # one task: nothing to align against
+    heads.add_task(2)
+    with torch.no_grad():
+        heads.heads[1].weight.mul_(5.0)  # the last-trained classes' rows grew: recency bias
+        heads.heads[1].bias.fill_(0.5)
+    x = torch.randn(4, 16)
+    before = heads(x)
+    gamma = heads.align_newest()
+    old = heads.heads[0].weight.norm(dim=1).mean()
+    assert gamma < 1.0
+    assert float(heads.heads[1].weight.norm(dim=1).mean()) == pytest.approx(float(old), rel=1e-5)
+    after = heads(x)
+    assert torch.equal(after[:, :3], before[:, :3])  # old classes untouched
+    assert torch.allclose(after[:, 3:], before[:, 3:] * gamma, atol=1e-6)  # new logits scaled
+    til = TaskHeads(16, mode="til")
+    til.add_task(2)
+    til.add_task(2)
+    w = til.heads[1].weight.clone()
+    assert til.align_newest() == 1.0 and torch.equal(til.heads[1].weight, w)
