@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -140,6 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report(msg: str) -> None:
+    """Print an error on stderr; under torchrun only rank 0 does, so it appears once."""
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except RunInterrupted as e:
-        print(f"cmtl: {e}", file=sys.stderr)
+        _report(f"cmtl: {e}")
         return 130
     except (ConfigError, ValueError, OSError, TypeError) as e:
         if args.debug:
@@ -158,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
             msg = f"{msg}: {e.filename}"
-        print(f"cmtl: error: {msg}", file=sys.stderr)
+        _report(f"cmtl: error: {msg}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("cmtl: interrupted", file=sys.stderr)
+        _report("cmtl: interrupted")
         return 130
 
 

@@ -100,3 +100,13 @@ def test_torchrun_run_killed_then_resumed_matches_uninterrupted(tmp_path):
     for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"], strict=True):
         assert ra == pytest.approx(rb, abs=1e-6)
     assert a["distributed"]["model_checksums"] == b["distributed"]["model_checksums"]
+
+
+def test_torchrun_bad_config_is_reported_once(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "cmtl", "run", "--set", "model.rank=0", "--out", str(tmp_path / "bad")]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("cmtl: error:")]
+    assert lines == ["cmtl: error: config key 'model.rank' must be > 0, got 0"], proc.stderr[-2000:]
