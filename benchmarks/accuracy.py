@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py [--seeds 3] [--streams fmnist_til,fmnist_cil,mnist_fashion]
                                   [--strategies emtal,naive,...] [--set KEY=VALUE ...] [--out DIR]
+                                  [--jobs N] [--resume]
 
 Runs `cmtl compare` on each dev config (configs/dev_*.yaml), prints the tables and writes
 `<out>/accuracy.json` plus each comparison's compare.md / compare.json. Not a test: it takes about
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategies", default=None, help="comma-separated (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_accuracy"))
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores/jobs threads)")
+    p.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
     args = p.parse_args(argv)
     strategies = parse_strategies(args.strategies)
     out = Path(args.out).resolve()
@@ -48,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(ROOT / STREAMS[stream], args.overrides)
         print(f"== {stream} ({STREAMS[stream]}) ==", flush=True)
         t0 = time.time()
-        summary = run_compare(cfg, strategies, seeds=args.seeds, out=out / stream)
+        summary = run_compare(
+            cfg, strategies, seeds=args.seeds, out=out / stream, jobs=args.jobs, resume=args.resume
+        )
         summary["wall_time"] = time.time() - t0
         report["streams"][stream] = summary
         (out / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -41,7 +41,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from cmtl.compare import parse_strategies, run_compare
 
     cfg = load_config(args.config, args.overrides)
-    run_compare(cfg, parse_strategies(args.strategies), seeds=args.seeds, out=args.out)
+    strategies = parse_strategies(args.strategies)
+    run_compare(cfg, strategies, seeds=args.seeds, out=args.out, jobs=args.jobs, resume=args.resume)
     return 0
 
 
@@ -125,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", default=None, help="comma-separated names (default: all)")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds, from the config's seed up")
     p.add_argument("--out", default=None, help="directory (default: <out>/<name>_compare)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, in separate processes (default: 1)")
+    p.add_argument(
+        "--resume", action="store_true", help="keep finished runs in --out, continue interrupted ones"
+    )
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("eval", help="test accuracy of a snapshot on a config's stream")

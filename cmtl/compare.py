@@ -39,37 +39,92 @@ def parse_strategies(text: str | Sequence[str] | None) -> list[str]:
     return names
 
 
+def _echo_run(echo: Callable[[str], None], res: dict[str, Any]) -> None:
+    forgetting = res["forgetting"]
+    echo(
+        f"{res['strategy']:16s} seed {res['seed']}: final acc {100 * res['final_average_accuracy']:.1f}%, "
+        "forgetting "
+        + ("n/a" if forgetting is None else f"{100 * forgetting:.1f}")
+        + f", {res['wall_time_total']:.0f}s"
+    )
+
+
+def _run_one(cfg: ExperimentConfig, out: Path, resume: bool, threads: int | None) -> dict[str, Any]:
+    """One (strategy, seed) run; a finished one is read back, an unfinished one resumed if asked."""
+    import json
+
+    from cmtl.checkpoint import CHECKPOINT_NAME
+    from cmtl.runner import run_experiment
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    if resume and (out / "results.json").is_file():
+        res = json.loads((out / "results.json").read_text())
+        if res.get("strategy") != cfg.strategy.name or res.get("seed") != cfg.seed:
+            raise ConfigError(
+                f"--resume: {str(out)!r} holds another run ({res.get('strategy')}, {res.get('seed')})"
+            )
+        return res
+    again = resume and (out / CHECKPOINT_NAME).is_file()
+    return run_experiment(cfg, out=out, echo=lambda _msg: None, progress=False, resume=again)
+
+
 def run_compare(
     cfg: ExperimentConfig,
     strategies: Sequence[str],
     seeds: int = 1,
     out: str | Path | None = None,
     echo: Callable[[str], None] = print,
+    jobs: int = 1,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run every strategy with seeds cfg.seed, cfg.seed+1, ...; write compare.json and compare.md."""
+    """Run every strategy with seeds cfg.seed, cfg.seed+1, ...; write compare.json and compare.md.
+
+    `jobs` > 1 runs that many runs at once in separate processes, sharing the CPU threads among
+    them (results do not depend on it: every run is seeded). `resume=True` keeps finished runs,
+    continues interrupted ones from their checkpoints and runs the rest.
+    """
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
     from cmtl.metrics import compare_table, mean_std
-    from cmtl.runner import run_experiment, write_json
+    from cmtl.runner import write_json
 
     if seeds < 1:
         raise ConfigError(f"--seeds is {seeds}; valid: an int >= 1")
+    if jobs < 1:
+        raise ConfigError(f"--jobs is {jobs}; valid: an int >= 1")
     root = Path(out) if out is not None else Path(cfg.out) / f"{cfg.name}_compare"
-    if (root / "compare.json").exists():
-        raise ConfigError(f"{str(root)!r} already holds a comparison; choose another --out or delete it")
+    if (root / "compare.json").exists() and not resume:
+        raise ConfigError(
+            f"{str(root)!r} already holds a comparison; choose another --out, delete it or pass --resume"
+        )
     seed_list = [cfg.seed + k for k in range(seeds)]
-    runs: dict[str, list[dict[str, Any]]] = {}
+    planned = []
     for name in strategies:
         for seed in seed_list:
             run_cfg = copy.deepcopy(cfg)
             run_cfg.strategy.name, run_cfg.seed = name, seed
             run_cfg.name = f"{name}_seed{seed}"
-            res = run_experiment(run_cfg, out=root / run_cfg.name, echo=lambda _msg: None, progress=False)
-            runs.setdefault(name, []).append(res)
-            forgetting = res["forgetting"]
-            echo(
-                f"{name:16s} seed {seed}: final acc {100 * res['final_average_accuracy']:.1f}%, forgetting "
-                + ("n/a" if forgetting is None else f"{100 * forgetting:.1f}")
-                + f", {res['wall_time_total']:.0f}s"
-            )
+            planned.append(run_cfg)
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    results: list[dict[str, Any]] = []
+    if jobs == 1:
+        results = [_run_one(c, root / c.name, resume, None) for c in planned]
+        for res in results:
+            _echo_run(echo, res)
+    else:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_run_one, c, root / c.name, resume, threads) for c in planned]
+            for f in futures:  # in plan order, so the table does not depend on `jobs`
+                results.append(f.result())
+                _echo_run(echo, results[-1])
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for c, res in zip(planned, results):
+        runs.setdefault(c.strategy.name, []).append(res)
     rows = []
     for name, results in runs.items():
         row: dict[str, Any] = {"strategy": name, "num_seeds": len(results)}

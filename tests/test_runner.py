@@ -181,6 +181,27 @@ def test_compare_table_has_every_baseline(tmp_path, capsys, monkeypatch):
     assert all(len(m) == 1 for m in summary["runs"].values())  # one seed each
 
 
+def test_compare_in_parallel_and_resumed_gives_the_same_table(tmp_path, capsys):
+    import shutil
+
+    sets = sum((["--set", s] for s in [*TINY, "scenario.n_tasks=2"]), [])
+    base = ["compare", "--strategies", "emtal,naive", *sets]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert main([*base, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    one = json.loads((tmp_path / "one" / "compare.json").read_text())
+    two = json.loads((tmp_path / "two" / "compare.json").read_text())
+    assert one["runs"] == two["runs"] and one["rows"][0]["final_average_accuracy"][0] > 0
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "two")]) == 2  # a finished comparison is kept
+    assert "--resume" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "two" / "naive_seed0")  # as if the compare had been killed before it
+    mtime = (tmp_path / "two" / "emtal_seed0" / "results.json").stat().st_mtime_ns
+    assert main([*base, "--resume", "--out", str(tmp_path / "two")]) == 0
+    again = json.loads((tmp_path / "two" / "compare.json").read_text())
+    assert again["runs"] == one["runs"]
+    assert (tmp_path / "two" / "emtal_seed0" / "results.json").stat().st_mtime_ns == mtime  # reused
+
+
 def test_image_folder_stream_end_to_end(tmp_path):
     from PIL import Image
 
