@@ -61,12 +61,13 @@ def _run_one(cfg: ExperimentConfig, out: Path, resume: bool, threads: int | None
 
         torch.set_num_threads(threads)
     if resume and (out / "results.json").is_file():
-        res = json.loads((out / "results.json").read_text())
-        if res.get("strategy") != cfg.strategy.name or res.get("seed") != cfg.seed:
-            raise ConfigError(
-                f"--resume: {str(out)!r} holds another run ({res.get('strategy')}, {res.get('seed')})"
-            )
-        return res
+        from cmtl.config import config_to_dict, load_config
+        from cmtl.runner import config_difference
+
+        diff = config_difference(config_to_dict(cfg), config_to_dict(load_config(out / "config.yaml")))
+        if diff:
+            raise ConfigError(f"--resume: the finished run in {str(out)!r} has another config at {diff}")
+        return json.loads((out / "results.json").read_text())
     again = resume and (out / CHECKPOINT_NAME).is_file()
     return run_experiment(cfg, out=out, echo=lambda _msg: None, progress=False, resume=again)
 

@@ -234,6 +234,11 @@ def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg_dict.items() if k not in ("logging", "out")}
 
 
+def config_difference(now: dict[str, Any], then: dict[str, Any]) -> str | None:
+    """The first key where two resolved configs differ in what they train (logging and out aside)."""
+    return _first_difference(_comparable(now), _comparable(then))
+
+
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b), key=str):
@@ -402,7 +407,7 @@ def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
     checkpoint = None
     if resume:
         checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
-        diff = _first_difference(_comparable(config_to_dict(cfg)), _comparable(checkpoint[1]["config"]))
+        diff = config_difference(config_to_dict(cfg), checkpoint[1]["config"])
         if diff:
             raise ConfigError(f"--resume: the config differs from the checkpointed run's at {diff}")
     elif main_proc:

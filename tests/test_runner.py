@@ -200,6 +200,9 @@ def test_compare_in_parallel_and_resumed_gives_the_same_table(tmp_path, capsys):
     again = json.loads((tmp_path / "two" / "compare.json").read_text())
     assert again["runs"] == one["runs"]
     assert (tmp_path / "two" / "emtal_seed0" / "results.json").stat().st_mtime_ns == mtime  # reused
+    capsys.readouterr()
+    assert main([*base, "--resume", "--set", "strategy.lr=0.01", "--out", str(tmp_path / "two")]) == 2
+    assert "has another config at strategy.lr" in capsys.readouterr().err
 
 
 def test_image_folder_stream_end_to_end(tmp_path):
