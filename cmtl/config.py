@@ -26,7 +26,7 @@ import yaml
 
 from cmtl import optim
 from cmtl.losses import list_distill_losses
-from cmtl.qr import SELECTIONS
+from cmtl.qr import SELECTIONS, WEIGHTINGS
 from cmtl.registry import closest
 
 __all__ = [
@@ -472,6 +472,8 @@ class StrategyConfig(_Section):
         qr_temperature: KL temperature.
         qr_lambda: Weight of the QR term on buffer batches.
         qr_ce_weight: Weight of cross-entropy on buffer batches (0: distillation only).
+        qr_weighting: "fixed" (qr_lambda and qr_ce_weight as given) or "classes" (both multiplied by
+            classes in the buffer / classes of the current task, so every class seen weighs the same).
         qr_in_task: Also apply EMTAL's in-task QR (pull toward the class's high-quality logits).
         weight_aligning: Class-incremental: after every task rescale the newest classes' head rows to
             the mean norm of the older ones (WA, Zhao et al. 2020), for every strategy but joint.
@@ -506,6 +508,7 @@ class StrategyConfig(_Section):
     qr_temperature: float = 2.0
     qr_lambda: float = 1.0
     qr_ce_weight: float = 0.0
+    qr_weighting: str = "fixed"
     qr_in_task: bool = True
     weight_aligning: bool = False
     lwf_alpha: float = 1.0
@@ -520,6 +523,7 @@ class StrategyConfig(_Section):
         _one_of(self, "scheduler", SCHEDULERS)
         _one_of(self, "buffer_selection", BUFFER_SELECTIONS)
         _one_of(self, "qr_loss", QR_LOSSES)
+        _one_of(self, "qr_weighting", WEIGHTINGS)
         _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "backbone_lr", "qr_temperature")
         _positive(self, "lwf_temperature", "buffer_per_class", "checkpoint_every_epochs")
         _non_negative(self, "weight_decay", "warmup_epochs", "buffer_size", "num_workers")

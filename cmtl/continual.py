@@ -127,7 +127,7 @@ class EMTALController:
         if len(self.qr):
             batch = self.qr.sample(targets.shape[0], device=logits.device)
             student = self.model(batch.x, self._head_arg(batch.task))
-            out.update(self.qr.replay_loss(student, batch))
+            out.update(self.qr.replay_loss(student, batch, self.model.heads.classes_per_task[-1]))
         return out
 
     def after_step(self, logits: torch.Tensor, targets: torch.Tensor) -> None:

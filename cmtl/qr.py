@@ -58,6 +58,7 @@ __all__ = [
     "QRConfig",
     "ReplayBatch",
     "SELECTIONS",
+    "WEIGHTINGS",
     "balanced_quota",
     "class_balanced_indices",
     "logit_quality",
@@ -66,6 +67,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SELECTIONS = ("balanced", "reservoir")
+WEIGHTINGS = ("fixed", "classes")
 STATE_FORMAT = 1
 # quality of an incorrectly classified sample: below every correct one (whose margin is > 0)
 INCORRECT_QUALITY = float("-inf")
@@ -85,6 +87,10 @@ class QRConfig:
         lambda_replay: Weight of the distillation term on buffer batches.
         ce_weight: Weight of cross-entropy on buffer labels over all current classes (0: distillation
             only). Needed in class-incremental streams, where it calibrates old against new classes.
+        weighting: "fixed" uses `lambda_replay` and `ce_weight` as they are; "classes" multiplies
+            both by (classes in the buffer) / (classes of the current task), so that each class seen
+            weighs about the same in the loss however many tasks came before (a buffer batch is as
+            large as the task's batch, whatever the number of classes it spreads over).
         bank_momentum: EMA momentum of the per-class logit bank (weight of the old value).
         ce_momentum: EMA momentum of each task's running cross-entropy.
         in_task_weight: Scale of the in-task QR term (0 disables it); the term is
@@ -102,6 +108,7 @@ class QRConfig:
     temperature: float = 2.0
     lambda_replay: float = 1.0
     ce_weight: float = 0.0
+    weighting: str = "fixed"
     bank_momentum: float = 0.9
     ce_momentum: float = 0.9
     in_task_weight: float = 1.0
@@ -120,6 +127,10 @@ class QRConfig:
         if self.selection not in SELECTIONS:
             raise ValueError(
                 f"QRConfig.selection {self.selection!r} is unknown; valid: {', '.join(SELECTIONS)}"
+            )
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"QRConfig.weighting {self.weighting!r} is unknown; valid: {', '.join(WEIGHTINGS)}"
             )
         if self.loss not in list_distill_losses():
             raise ValueError(
@@ -611,11 +622,21 @@ class QRBuffer:
         )
         return batch.to(device) if device is not None else batch
 
-    def replay_loss(self, student_logits: torch.Tensor, batch: ReplayBatch) -> dict[str, torch.Tensor]:
+    def replay_weight(self, new_classes: int | None) -> float:
+        """Factor on both replay terms: 1, or with `weighting="classes"` buffer classes / new classes."""
+        if self.config.weighting == "fixed" or not new_classes:
+            return 1.0
+        return len(self.class_counts()) / new_classes
+
+    def replay_loss(
+        self, student_logits: torch.Tensor, batch: ReplayBatch, new_classes: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """Named replay terms on a buffer batch: `qr` (lambda x D) and, if `ce_weight > 0`, `qr_ce`.
 
         `student_logits` may be wider than the stored logits (a class-incremental head that grew) or
         padded (e.g. with -1e4) beyond a task's head: only each sample's valid columns count.
+        `new_classes` (the current task's class count) is what `weighting="classes"` divides by;
+        None leaves the weights fixed.
         """
         if student_logits.dim() != 2 or student_logits.shape[0] != batch.y.shape[0]:
             raise ValueError(
@@ -627,13 +648,14 @@ class QRBuffer:
         dev = student_logits.device
         teacher = _pad_columns(batch.logits.to(dev), width)
         mask = F.pad(batch.mask.to(dev), (0, width - stored), value=False)
-        terms = {"qr": self.config.lambda_replay * self.distill(student_logits, teacher, mask)}
+        scale = self.replay_weight(new_classes)
+        terms = {"qr": scale * self.config.lambda_replay * self.distill(student_logits, teacher, mask)}
         if self.config.ce_weight > 0:
             # over every column the student has now: in a class-incremental head this is what
             # teaches that an old sample is none of the classes added since it was stored (the
             # distillation term cannot, its mask stops at the classes known then); TIL's padding
             # columns hold -1e4 and add nothing
-            terms["qr_ce"] = self.config.ce_weight * F.cross_entropy(student_logits, batch.y.to(dev))
+            terms["qr_ce"] = scale * self.config.ce_weight * F.cross_entropy(student_logits, batch.y.to(dev))
         return terms
 
     # ------------------------------------------------------------------------------------- checkpoints

@@ -76,6 +76,7 @@ def qr_config(st: StrategyConfig, seed: int = 0, **changes) -> QRConfig:
         temperature=st.qr_temperature,
         lambda_replay=st.qr_lambda,
         ce_weight=st.qr_ce_weight,
+        weighting=st.qr_weighting,
         in_task_weight=1.0 if st.qr_in_task else 0.0,
         seed=seed,
     )

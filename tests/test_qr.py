@@ -418,6 +418,23 @@ def test_replay_loss_wider_cil_student(loss):
     )
 
 
+@pytest.mark.parametrize("new_classes", [1, 2, 5])
+def test_classes_weighting_scales_both_terms_by_buffer_over_new_classes(new_classes):
+    fixed = _filled_buffer(ce_weight=0.5, lambda_replay=2.0)
+    scaled = _filled_buffer(ce_weight=0.5, lambda_replay=2.0, weighting="classes")
+    assert len(scaled.class_counts()) == 5  # (task 0: 2 classes) + (task 1: 3 classes)
+    batch = fixed.sample(8, torch.Generator().manual_seed(0))
+    student = torch.randn(8, batch.logits.shape[1] + 2)
+    ref, got = fixed.replay_loss(student, batch, new_classes), scaled.replay_loss(student, batch, new_classes)
+    assert fixed.replay_weight(new_classes) == 1.0 and scaled.replay_weight(new_classes) == 5 / new_classes
+    for k in ("qr", "qr_ce"):
+        assert got[k].item() == pytest.approx(5 / new_classes * ref[k].item(), rel=1e-6)
+    # without the new task's class count the weights stay as configured
+    assert scaled.replay_loss(student, batch)["qr"].item() == pytest.approx(ref["qr"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="weighting 'balanced' is unknown; valid: fixed, classes"):
+        QRConfig(weighting="balanced")
+
+
 def test_replay_loss_padded_til_student_matches_per_task():
     qr = _filled_buffer()
     batch = qr.sample(10, torch.Generator().manual_seed(1))
