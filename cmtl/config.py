@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Union
 import yaml
 
 from cmtl import optim
+from cmtl.heads import HEAD_INITS
 from cmtl.losses import list_distill_losses
 from cmtl.qr import SELECTIONS, WEIGHTINGS
 from cmtl.registry import closest
@@ -477,6 +478,8 @@ class StrategyConfig(_Section):
         qr_in_task: Also apply EMTAL's in-task QR (pull toward the class's high-quality logits).
         weight_aligning: Class-incremental: after every task rescale the newest classes' head rows to
             the mean norm of the older ones (WA, Zhao et al. 2020), for every strategy but joint.
+        head_init: "random" or "prototype": each new task's head starts as the nearest-class-mean
+            classifier of its training images' features, for every strategy but joint.
         lwf_alpha: LwF distillation weight.
         lwf_temperature: LwF temperature.
         ewc_lambda: EWC penalty weight.
@@ -511,6 +514,7 @@ class StrategyConfig(_Section):
     qr_weighting: str = "fixed"
     qr_in_task: bool = True
     weight_aligning: bool = False
+    head_init: str = "random"
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
     ewc_lambda: float = 100.0
@@ -524,6 +528,7 @@ class StrategyConfig(_Section):
         _one_of(self, "buffer_selection", BUFFER_SELECTIONS)
         _one_of(self, "qr_loss", QR_LOSSES)
         _one_of(self, "qr_weighting", WEIGHTINGS)
+        _one_of(self, "head_init", HEAD_INITS)
         _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "backbone_lr", "qr_temperature")
         _positive(self, "lwf_temperature", "buffer_per_class", "checkpoint_every_epochs")
         _non_negative(self, "weight_decay", "warmup_epochs", "buffer_size", "num_workers")

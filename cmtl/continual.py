@@ -13,10 +13,12 @@ and `ctl.end_stream()` at the end, which consolidates whatever is still open.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
+from cmtl.heads import HEAD_INITS
 from cmtl.model import CMTLModel
 from cmtl.qr import QRBuffer, QRConfig, class_balanced_indices
 
@@ -47,6 +49,8 @@ class EMTALConfig:
         qr: QR buffer settings; None disables QR (the `emtal_no_qr` ablation).
         align_heads: class-incremental only: after every task, rescale the newest classes' head
             rows to the mean norm of the older ones (weight aligning; see `TaskHeads.align_newest`).
+        head_init: "random" (small random weights) or "prototype": a new task's head starts as the
+            nearest-class-mean classifier of its training images' features (`init_head`).
     """
 
     fading_start: float = 0.0
@@ -55,8 +59,11 @@ class EMTALConfig:
     consolidate_every: int = 1
     qr: QRConfig | None = field(default_factory=QRConfig)
     align_heads: bool = False
+    head_init: str = "random"
 
     def __post_init__(self) -> None:
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init {self.head_init!r} is unknown; valid: {', '.join(HEAD_INITS)}")
         if not 0.0 <= self.fading_start <= self.fading_end <= 1.0:
             raise ValueError(
                 f"fading_start={self.fading_start}, fading_end={self.fading_end}: need 0 <= start <= end <= 1"
@@ -96,6 +103,40 @@ class EMTALController:
             width = num_classes if self.model.mode == "til" else self.model.heads.num_classes
             self.qr.begin_task(self.task, pool_x.cpu(), pool_y.cpu(), num_valid_classes=width)
         return self.task
+
+    @torch.no_grad()
+    def init_head(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Start the new task's head from its classes' mean features (`TaskHeads.init_newest_from_means`).
+
+        `batches` yields (images, labels) of the task's training data, un-augmented; labels are the
+        task's own (0..n-1, task-incremental) or the newest head's classes (class-incremental). The
+        features are those of the model as the task starts (its new adapter is still the identity).
+        Returns False if fewer than two classes had samples (the head keeps its random start).
+        """
+        heads = self.model.heads
+        widths = heads.classes_per_task
+        n, first = widths[-1], (sum(widths[:-1]) if self.model.mode == "cil" else 0)
+        device = self._device()
+        sums = torch.zeros(n, heads.in_features, device=device)
+        counts = torch.zeros(n, device=device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for x, y in batches:
+                local = torch.as_tensor(y, device=device).long() - first
+                if len(local) and (int(local.min()) < 0 or int(local.max()) >= n):
+                    bad = int(local[(local < 0) | (local >= n)][0]) + first
+                    raise ValueError(
+                        f"label {bad} is not one of the new task's classes ({first}..{first + n - 1}); "
+                        "head_init='prototype' needs each task's classes numbered after the previous ones"
+                    )
+                feats = self.model.forward_features(x.to(device)).float()
+                sums.index_add_(0, local, feats)
+                counts.index_add_(0, local, torch.ones_like(local, dtype=counts.dtype))
+        finally:
+            self.model.train(was_training)
+        means = sums / counts.clamp(min=1).unsqueeze(1)
+        return heads.init_newest_from_means(means, counts > 0)
 
     def pool_indices(self, targets: torch.Tensor, num_classes: int, seed: int = 0) -> torch.Tensor:
         """Which training samples (by index) form the candidate pool of a task."""

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 MODES = ("til", "cil")
+HEAD_INITS = ("random", "prototype")  # see TaskHeads.init_newest_from_means
 # fills logit columns a task's head does not have when a batch mixes tasks of different widths
 PAD_LOGIT = -1e4
 
@@ -76,6 +77,40 @@ class TaskHeads(nn.Module):
         if not 0 <= task < len(self.heads):
             raise ValueError(f"task label {task} has no head; valid: 0..{len(self.heads) - 1}")
         return self.heads[task]
+
+    @torch.no_grad()
+    def init_newest_from_means(self, means: torch.Tensor, present: torch.Tensor, margin: float = 2.0) -> bool:
+        """Start the newest head as a nearest-class-mean classifier of its classes' mean features.
+
+        `means` (n_classes x in_features) are the mean pre-logit features of the newest head's
+        classes, `present` marks the rows that had samples. Row c becomes `tau * (mu_c - m)` with bias
+        `-tau * (m . (mu_c - m) + |mu_c - m|^2 / 2)` (m: mean of the present means): the logits are
+        `-tau |x - mu_c|^2 / 2` up to a term shared by all classes, a prototype classifier, and
+        training starts from there. `tau`
+        makes the mean margin at the class means equal `margin`, whatever the features' scale.
+        Rows without samples keep their random start. Returns False (nothing changed) when fewer than
+        two classes are present or their means coincide.
+        """
+        head = self.heads[-1]
+        if means.shape != head.weight.shape or present.shape != (head.out_features,):
+            raise ValueError(
+                f"means {tuple(means.shape)} / present {tuple(present.shape)} do not fit the newest "
+                f"head ({head.out_features} x {head.in_features})"
+            )
+        present = present.to(torch.bool)
+        if int(present.sum()) < 2:
+            return False
+        mu = means[present].to(head.weight)
+        centred = mu - mu.mean(dim=0)
+        pair_sq = torch.cdist(mu, mu).pow(2)
+        k = mu.shape[0]
+        mean_sq = pair_sq.sum() / (k * (k - 1))
+        if not bool(torch.isfinite(mean_sq)) or float(mean_sq) <= 0:
+            return False
+        tau = 2.0 * margin / mean_sq
+        head.weight[present] = tau * centred
+        head.bias[present] = -tau * (centred @ mu.mean(dim=0) + centred.pow(2).sum(dim=1) / 2)
+        return True
 
     @torch.no_grad()
     def align_newest(self) -> float:

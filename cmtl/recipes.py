@@ -92,6 +92,7 @@ def emtal_config(st: StrategyConfig, qr: QRConfig | None, fading: bool = True) -
         consolidate_every=st.consolidate_every,
         qr=qr,
         align_heads=st.weight_aligning,
+        head_init=st.head_init,
     )
 
 

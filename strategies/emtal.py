@@ -88,6 +88,14 @@ class EMTALPlugin(SupervisedPlugin):
                 pool_x = torch.stack([it[0] for it in items])
                 pool_y = torch.as_tensor([int(it[1]) for it in items])
         ctl.start_task(num_classes, pool_x, pool_y)
+        if self.config.head_init == "prototype":
+            ctl.init_head(self._batches(exp.dataset.eval()))
+
+    def _batches(self, data):
+        """(images, labels) of `data` in order, `pool_batch_size` at a time, without a DataLoader."""
+        for start in range(0, len(data), self.pool_batch_size):
+            items = [data[i] for i in range(start, min(start + self.pool_batch_size, len(data)))]
+            yield torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
 
     def before_training_iteration(self, strategy, **kwargs):
         self.controller.on_step(strategy.train_epochs * len(strategy.dataloader))

@@ -185,6 +185,7 @@ BAD_FILES = [
     ("strategy: {buffer_selection: random}\n", "valid: balanced, reservoir"),
     ("strategy: {qr_loss: huber}\n", "'strategy.qr_loss' is 'huber'; valid: kl, mse"),
     ("strategy: {qr_weighting: even}\n", "'strategy.qr_weighting' is 'even'; valid: fixed, classes"),
+    ("strategy: {head_init: zeros}\n", "'strategy.head_init' is 'zeros'; valid: random, prototype"),
     ("strategy: {fading_start: -0.1}\n", "'strategy.fading_start' must be in [0, 1]"),
     ("strategy: {fading_end: 1.5}\n", "'strategy.fading_end' must be in [0, 1]"),
     ("strategy: {fading_start: 0.6, fading_end: 0.5}\n", "'strategy.fading_start' (0.6) must be <="),

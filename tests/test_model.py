@@ -276,3 +276,49 @@ def test_weight_aligning_matches_new_row_norms_to_old_and_keeps_til_alone():
     til.add_task(2)
     w = til.heads[1].weight.clone()
     assert til.align_newest() == 1.0 and torch.equal(til.heads[1].weight, w)
+
+
+def test_prototype_head_is_a_nearest_mean_classifier_with_the_given_margin():
+    from cmtl.heads import TaskHeads
+
+    torch.manual_seed(0)
+    heads = TaskHeads(8, mode="til")
+    heads.add_task(3)
+    means = torch.randn(3, 8) * 4 + 10  # a shared offset, as pre-logit features have
+    assert heads.init_newest_from_means(means, torch.ones(3, dtype=torch.bool), margin=2.0)
+    x = means[torch.randint(0, 3, (200,))] + torch.randn(200, 8)
+    nearest = torch.cdist(x, means).argmin(dim=1)
+    assert torch.equal(heads(x, 0).argmax(dim=1), nearest)
+    # logits = -tau |x - mu_c|^2 / 2 up to a per-sample constant, one tau > 0 for every sample
+    d2 = torch.cdist(x.double(), means.double()).pow(2)
+    logits = heads(x, 0).double()
+    tau = (logits[:, 1] - logits[:, 0]) / ((d2[:, 0] - d2[:, 1]) / 2)
+    clear = (d2[:, 0] - d2[:, 1]).abs() > 1.0
+    assert float(tau[clear].min()) > 0
+    assert torch.allclose(tau[clear], tau[clear].median().expand(int(clear.sum())), rtol=1e-3)
+    at_means = heads(means, 0)
+    margins = [float(at_means[c, c] - at_means[c, o]) for c in range(3) for o in range(3) if o != c]
+    assert sum(margins) / len(margins) == pytest.approx(2.0, rel=1e-4)
+
+
+def test_prototype_head_touches_only_the_newest_rows_with_samples():
+    from cmtl.heads import TaskHeads
+
+    torch.manual_seed(0)
+    heads = TaskHeads(8, mode="cil")
+    heads.add_task(2)
+    old = heads.heads[0].weight.clone()
+    heads.add_task(3)
+    random_row = heads.heads[1].weight[2].clone()
+    present = torch.tensor([True, True, False])
+    assert heads.init_newest_from_means(torch.randn(3, 8), present)
+    assert torch.equal(heads.heads[0].weight, old)
+    assert torch.equal(heads.heads[1].weight[2], random_row)
+    assert not torch.equal(heads.heads[1].weight[0], random_row)
+    # fewer than two classes, or identical means: nothing to separate, nothing changes
+    w = heads.heads[1].weight.clone()
+    assert not heads.init_newest_from_means(torch.randn(3, 8), torch.tensor([True, False, False]))
+    assert not heads.init_newest_from_means(torch.ones(3, 8), torch.ones(3, dtype=torch.bool))
+    assert torch.equal(heads.heads[1].weight, w)
+    with pytest.raises(ValueError, match="do not fit the newest head"):
+        heads.init_newest_from_means(torch.randn(2, 8), torch.ones(2, dtype=torch.bool))

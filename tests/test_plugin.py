@@ -92,3 +92,84 @@ def test_controller_fades_to_exactly_zero_and_merges_every_k():
         merged = ctl.end_task()
         assert merged == (task == 1)
     assert ctl.model.open_adapters == [] and len(ctl.qr) > 0
+
+
+def _two_blob_images(n: int, label_offset: int = 0):
+    """Images whose classes differ in colour: easy for class means, unseen by a random head."""
+    y = torch.arange(n) % 2
+    x = torch.randn(n, 3, 16, 16) * 0.3
+    x[y == 0, 0] += 1.0
+    x[y == 1, 2] += 1.0
+    return x, y + label_offset
+
+
+@pytest.mark.parametrize("mode", ["til", "cil"])
+def test_prototype_head_init_classifies_the_new_task_before_any_step(mode):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cmtl.continual import EMTALController
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    model = CMTLModel(vit, AdapterConfig(num_experts=4, rank=2), mode=mode)
+    ctl = EMTALController(model, EMTALConfig(qr=None, head_init="prototype"))
+    ctl.start_task(2)
+    offset = 2 if mode == "cil" else 0
+    ctl.start_task(2)  # the second task: CIL labels 2, 3 go to the newest head's rows
+    x, y = _two_blob_images(64, offset)
+    task = torch.full((64,), 1)
+
+    def accuracy():
+        with torch.no_grad():
+            logits = model(x, task) if mode == "til" else model(x)[:, offset:]
+        return float((logits.argmax(dim=1) == y - offset).float().mean())
+
+    assert accuracy() < 0.8  # the random head does not know the classes
+    assert ctl.init_head([(x[:40], y[:40]), (x[40:], y[40:])])
+    assert accuracy() >= 0.95
+    assert model.training  # the training mode is restored
+    with pytest.raises(ValueError, match="label 5 is not one of the new task's classes"):
+        ctl.init_head([(x[:2], torch.tensor([offset, 5]))])
+
+
+def test_plugin_starts_each_head_from_the_experience_class_means():
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
+    from cmtl.scenarios import create_scenario
+    from cmtl.strategies import AvalancheCMTL, EMTALPlugin
+    from timm.models.vision_transformer import VisionTransformer
+
+    stream = create_scenario(
+        "digits", mode="cil", n_tasks=2, classes_per_task=2, image_size=16, max_per_class=20
+    )
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    model = AvalancheCMTL(CMTLModel(vit, AdapterConfig(num_experts=4, rank=2), mode="cil"))
+    checked = []
+
+    class Check(SupervisedPlugin):
+        def before_training_exp(self, strategy, **kw):
+            data = strategy.experience.dataset.eval()
+            x = torch.stack([data[i][0] for i in range(len(data))])
+            y = torch.as_tensor([int(data[i][1]) for i in range(len(data))])
+            first = 2 * strategy.experience.current_experience
+            cmtl = model.cmtl
+            cmtl.eval()
+            with torch.no_grad():
+                f = cmtl.forward_features(x)
+                means = torch.stack([f[y == first + c].mean(0) for c in range(2)])
+                nearest = torch.cdist(f, means).argmin(dim=1)
+                chosen = cmtl(x)[:, first : first + 2].argmax(dim=1)
+            cmtl.train()
+            checked.append(bool(torch.equal(chosen, nearest)))
+
+    strategy = Naive(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-3),
+        train_mb_size=16,
+        train_epochs=1,
+        plugins=[EMTALPlugin(EMTALConfig(qr=None, head_init="prototype"), pool_batch_size=16), Check()],
+        evaluator=EvaluationPlugin(loggers=[]),
+    )
+    for exp in stream.benchmark.train_stream:
+        strategy.train(exp)
+    assert checked == [True, True]

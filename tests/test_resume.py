@@ -57,6 +57,7 @@ def _assert_same_run(a_dir, b_dir):
         ["strategy.name=ewc"],
         ["strategy.name=lwf"],
         ["strategy.name=der", "scenario.mode=cil"],
+        ["strategy.head_init=prototype", "scenario.mode=cil"],
     ],
     ids=lambda e: "-".join(x.split("=")[1] for x in e),
 )
@@ -109,8 +110,9 @@ def _signal_inside_task(monkeypatch, task, epoch, step):
         (["strategy.name=ewc"], 1, 0),
         (["strategy.name=lwf"], 0, 2),
         (["strategy.name=der", "scenario.mode=cil"], 1, 1),
+        (["strategy.head_init=prototype"], 0, 2),
     ],
-    ids=["emtal-k2-mid", "emtal-k2-epoch-end", "replay", "ewc", "lwf", "der-cil"],
+    ids=["emtal-k2-mid", "emtal-k2-epoch-end", "replay", "ewc", "lwf", "der-cil", "emtal-prototype-heads"],
 )
 def test_interrupted_inside_a_task_resumes_to_identical_results(tmp_path, monkeypatch, extra, epoch, step):
     from cmtl.checkpoint import load_checkpoint
