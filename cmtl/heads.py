@@ -86,8 +86,8 @@ class TaskHeads(nn.Module):
         classes, `present` marks the rows that had samples. Row c becomes `tau * (mu_c - m)` with bias
         `-tau * (m . (mu_c - m) + |mu_c - m|^2 / 2)` (m: mean of the present means): the logits are
         `-tau |x - mu_c|^2 / 2` up to a term shared by all classes, a prototype classifier, and
-        training starts from there. `tau`
-        makes the mean margin at the class means equal `margin`, whatever the features' scale.
+        training starts from there. `tau` makes the mean margin at the class means equal `margin`,
+        whatever the features' scale.
         Rows without samples keep their random start. Returns False (nothing changed) when fewer than
         two classes are present or their means coincide.
         """
@@ -102,9 +102,8 @@ class TaskHeads(nn.Module):
             return False
         mu = means[present].to(head.weight)
         centred = mu - mu.mean(dim=0)
-        pair_sq = torch.cdist(mu, mu).pow(2)
-        k = mu.shape[0]
-        mean_sq = pair_sq.sum() / (k * (k - 1))
+        # mean squared distance between two different class means: sum over pairs = 2k sum |mu_c - m|^2
+        mean_sq = 2 * centred.pow(2).sum() / (mu.shape[0] - 1)
         if not bool(torch.isfinite(mean_sq)) or float(mean_sq) <= 0:
             return False
         tau = 2.0 * margin / mean_sq

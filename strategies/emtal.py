@@ -34,6 +34,12 @@ def _cmtl(model: torch.nn.Module) -> CMTLModel:
     return inner
 
 
+def _stack(data, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels of `data[i]` for `indices`, as two tensors (no DataLoader, no shuffling)."""
+    items = [data[int(i)] for i in indices]
+    return torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
+
+
 class EMTALPlugin(SupervisedPlugin):
     """Adds an adapter + head per experience, fades routers, adds QR losses, consolidates.
 
@@ -84,18 +90,11 @@ class EMTALPlugin(SupervisedPlugin):
             targets = torch.as_tensor(list(data.targets))
             idx = ctl.pool_indices(targets, num_classes, seed=exp.current_experience)
             if len(idx):
-                items = [data[int(i)] for i in idx]
-                pool_x = torch.stack([it[0] for it in items])
-                pool_y = torch.as_tensor([int(it[1]) for it in items])
+                pool_x, pool_y = _stack(data, idx.tolist())
         ctl.start_task(num_classes, pool_x, pool_y)
         if self.config.head_init == "prototype":
-            ctl.init_head(self._batches(exp.dataset.eval()))
-
-    def _batches(self, data):
-        """(images, labels) of `data` in order, `pool_batch_size` at a time, without a DataLoader."""
-        for start in range(0, len(data), self.pool_batch_size):
-            items = [data[i] for i in range(start, min(start + self.pool_batch_size, len(data)))]
-            yield torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
+            data, size = exp.dataset.eval(), self.pool_batch_size
+            ctl.init_head(_stack(data, range(i, min(i + size, len(data)))) for i in range(0, len(data), size))
 
     def before_training_iteration(self, strategy, **kwargs):
         self.controller.on_step(strategy.train_epochs * len(strategy.dataloader))
