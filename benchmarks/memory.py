@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from cmtl.config import STRATEGY_NAMES, ExperimentConfig
 from cmtl.model import CMTLModel
-from cmtl.qr import QRBuffer, QRConfig
+from cmtl.qr import STORAGES, QRBuffer, QRConfig
 from cmtl.recipes import strategy_spec
 
 SHAPES = {
@@ -43,8 +43,8 @@ def trainable_per_task(kw: dict, experts: int, rank: int, classes: int = 10) -> 
     return out
 
 
-def buffer_bytes_per_sample(size: int, classes: int = 10, n: int = 20) -> float:
-    buf = QRBuffer(QRConfig(budget=n))
+def buffer_bytes_per_sample(size: int, storage: str = "float32", classes: int = 10, n: int = 20) -> float:
+    buf = QRBuffer(QRConfig(budget=n, storage=storage))
     x = torch.rand(n, 3, size, size)
     y = torch.arange(n) % classes
     buf.begin_task(0, x, y, num_valid_classes=classes)
@@ -77,10 +77,12 @@ def main() -> None:
         print(f"{name} (E={experts}, r=4): trainable parameters per task, head included")
         for strat, n in counts.items():
             print(f"  {strat:16s} {n:>12,d}")
-    for size in (32, 224):
-        b = buffer_bytes_per_sample(size)
-        report["buffer_bytes_per_sample"][f"{size}px"] = b
-        print(f"QR buffer at {size}px, 10 classes: {b:,.0f} bytes per stored sample")
+    for storage in STORAGES:
+        report["buffer_bytes_per_sample"][storage] = {}
+        for size in (32, 224):
+            b = buffer_bytes_per_sample(size, storage)
+            report["buffer_bytes_per_sample"][storage][f"{size}px"] = b
+            print(f"QR buffer ({storage}) at {size}px, 10 classes: {b:,.0f} bytes per stored sample")
     if not args.no_run:
         rss = peak_rss_of_run(args.run_config)
         report["peak_rss_mib"] = {"config": args.run_config or "default", "value": rss}

@@ -27,7 +27,7 @@ import yaml
 from cmtl import optim
 from cmtl.heads import HEAD_INITS
 from cmtl.losses import list_distill_losses
-from cmtl.qr import SELECTIONS, WEIGHTINGS
+from cmtl.qr import SELECTIONS, STORAGES, WEIGHTINGS
 from cmtl.registry import closest
 
 __all__ = [
@@ -469,6 +469,8 @@ class StrategyConfig(_Section):
         buffer_size: Samples kept in the QR / replay buffer over all tasks.
         buffer_per_class: Cap per class; None divides `buffer_size` over the classes seen.
         buffer_selection: "balanced" (class-balanced) or "reservoir".
+        buffer_storage: "float32" or "uint8": QR buffer images quantised per sample (4x smaller, in
+            memory and in checkpoints), for the strategies with cmtl's buffer (EMTAL, der).
         qr_loss: Distance to the stored logits: "kl" (with temperature) or "mse".
         qr_temperature: KL temperature.
         qr_lambda: Weight of the QR term on buffer batches.
@@ -507,6 +509,7 @@ class StrategyConfig(_Section):
     buffer_size: int = 200
     buffer_per_class: int | None = None
     buffer_selection: str = "balanced"
+    buffer_storage: str = "float32"
     qr_loss: str = "kl"
     qr_temperature: float = 2.0
     qr_lambda: float = 1.0
@@ -526,6 +529,7 @@ class StrategyConfig(_Section):
         _one_of(self, "optimizer", OPTIMIZERS)
         _one_of(self, "scheduler", SCHEDULERS)
         _one_of(self, "buffer_selection", BUFFER_SELECTIONS)
+        _one_of(self, "buffer_storage", STORAGES)
         _one_of(self, "qr_loss", QR_LOSSES)
         _one_of(self, "qr_weighting", WEIGHTINGS)
         _one_of(self, "head_init", HEAD_INITS)

@@ -58,6 +58,7 @@ __all__ = [
     "QRConfig",
     "ReplayBatch",
     "SELECTIONS",
+    "STORAGES",
     "WEIGHTINGS",
     "balanced_quota",
     "class_balanced_indices",
@@ -68,6 +69,7 @@ logger = logging.getLogger(__name__)
 
 SELECTIONS = ("balanced", "reservoir")
 WEIGHTINGS = ("fixed", "classes")
+STORAGES = ("float32", "uint8")
 STATE_FORMAT = 1
 # quality of an incorrectly classified sample: below every correct one (whose margin is > 0)
 INCORRECT_QUALITY = float("-inf")
@@ -91,6 +93,10 @@ class QRConfig:
             both by (classes in the buffer) / (classes of the current task), so that each class seen
             weighs about the same in the loss however many tasks came before (a buffer batch is as
             large as the task's batch, whatever the number of classes it spreads over).
+        storage: How buffer images are kept: "float32" as given, or "uint8", quantised per sample
+            between its own minimum and maximum (4x smaller; each value moves by at most 1/510 of
+            the sample's range) and restored to float32 when sampled. The pool a task records its
+            logits on stays float32.
         bank_momentum: EMA momentum of the per-class logit bank (weight of the old value).
         ce_momentum: EMA momentum of each task's running cross-entropy.
         in_task_weight: Scale of the in-task QR term (0 disables it); the term is
@@ -109,6 +115,7 @@ class QRConfig:
     lambda_replay: float = 1.0
     ce_weight: float = 0.0
     weighting: str = "fixed"
+    storage: str = "float32"
     bank_momentum: float = 0.9
     ce_momentum: float = 0.9
     in_task_weight: float = 1.0
@@ -132,6 +139,8 @@ class QRConfig:
             raise ValueError(
                 f"QRConfig.weighting {self.weighting!r} is unknown; valid: {', '.join(WEIGHTINGS)}"
             )
+        if self.storage not in STORAGES:
+            raise ValueError(f"QRConfig.storage {self.storage!r} is unknown; valid: {', '.join(STORAGES)}")
         if self.loss not in list_distill_losses():
             raise ValueError(
                 f"QRConfig.loss {self.loss!r} is unknown; valid: {', '.join(list_distill_losses())}"
@@ -264,6 +273,23 @@ def _pad_columns(t: torch.Tensor, width: int) -> torch.Tensor:
     return t if t.shape[1] >= width else F.pad(t, (0, width - t.shape[1]))
 
 
+def quantize_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample uint8 codes of `x` (N x ...) and each sample's (low, step), for `dequantize_uint8`."""
+    flat = x.detach().float().reshape(x.shape[0], -1)
+    low = flat.amin(dim=1) if flat.shape[1] else flat.new_zeros(x.shape[0])
+    high = flat.amax(dim=1) if flat.shape[1] else low
+    step = (high - low) / 255
+    step = torch.where(step > 0, step, torch.ones_like(step))  # a constant sample: every code is 0
+    codes = ((flat - low[:, None]) / step[:, None]).round().clamp(0, 255).to(torch.uint8)
+    return codes.reshape(x.shape), torch.stack([low, step], dim=1)
+
+
+def dequantize_uint8(codes: torch.Tensor, low_step: torch.Tensor) -> torch.Tensor:
+    """float32 values of `quantize_uint8`'s codes."""
+    shape = (-1,) + (1,) * (codes.dim() - 1)
+    return codes.float() * low_step[:, 1].reshape(shape) + low_step[:, 0].reshape(shape)
+
+
 # -------------------------------------------------------------------------------------------- the buffer
 
 
@@ -304,7 +330,8 @@ class QRBuffer:
 
     @property
     def buffer(self) -> dict[str, torch.Tensor]:
-        """The stored tensors (read-only view): x, y, task, logits, num_valid, quality, key."""
+        """The stored tensors (read-only view): x, y, task, logits, num_valid, quality, key, and with
+        `storage="uint8"` x as uint8 codes plus x_range (each sample's low value and step)."""
         return dict(self._buffer)
 
     @property
@@ -536,7 +563,7 @@ class QRBuffer:
             )
         n = int(rec.sum())
         cand = {
-            "x": pool["x"][rec],
+            **self._encode(pool["x"][rec]),
             "y": pool["y"][rec],
             "task": torch.full((n,), task, dtype=torch.long),
             "logits": pool["logits"][rec],
@@ -552,6 +579,21 @@ class QRBuffer:
         counts = self.class_counts()
         logger.info("QR buffer after task %d: %d samples over %d classes", task, len(self), len(counts))
         return counts
+
+    def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Buffer fields of images `x` under `config.storage`: {"x"} or {"x", "x_range"} (uint8)."""
+        if self.config.storage == "uint8":
+            codes, low_step = quantize_uint8(x)
+            return {"x": codes, "x_range": low_step}
+        return {"x": x.float()}
+
+    @staticmethod
+    def _decode(fields: dict[str, torch.Tensor], idx: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 images of buffer `fields` (rows `idx`, or all)."""
+        x = fields["x"] if idx is None else fields["x"][idx]
+        if "x_range" not in fields:
+            return x
+        return dequantize_uint8(x, fields["x_range"] if idx is None else fields["x_range"][idx])
 
     @staticmethod
     def _concat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -612,7 +654,7 @@ class QRBuffer:
         nv = b["num_valid"][idx]
         width = int(nv.max())
         batch = ReplayBatch(
-            x=b["x"][idx],
+            x=self._decode(b, idx),
             y=b["y"][idx],
             task=b["task"][idx],
             logits=b["logits"][idx, :width],
@@ -692,8 +734,11 @@ class QRBuffer:
         if meta["config"] != self.config.to_dict():
             logger.warning("loading a QR state saved with a different config; keeping the current config")
         expected = {"rng"}
-        buffer = {k: tensors[f"buffer.{k}"] for k in self._BUFFER_FIELDS if f"buffer.{k}" in tensors}
-        if buffer and len(buffer) != len(self._BUFFER_FIELDS):
+        fields = self._BUFFER_FIELDS
+        if "buffer.x" in tensors and tensors["buffer.x"].dtype == torch.uint8:
+            fields = (*fields, "x_range")
+        buffer = {k: tensors[f"buffer.{k}"] for k in fields if f"buffer.{k}" in tensors}
+        if buffer and len(buffer) != len(fields):
             raise ValueError(f"QR state has an incomplete buffer: {sorted(buffer)}")
         expected |= {f"buffer.{k}" for k in buffer}
         pool_task = meta["pool_task"]
@@ -715,6 +760,10 @@ class QRBuffer:
             )
         self._rng.set_state(tensors["rng"].clone())
         self._buffer = {k: v.clone() for k, v in buffer.items()}
+        if buffer and ("x_range" in buffer) != (self.config.storage == "uint8"):
+            # saved under the other storage: keep the buffer consistent with this config's
+            rest = {k: v for k, v in self._buffer.items() if k not in ("x", "x_range")}
+            self._buffer = {**self._encode(self._decode(self._buffer)), **rest}
         self._pool = {k: v.clone() for k, v in pool.items()}
         self._pool_task = pool_task
         self._bank, self._bank_filled = bank, filled

@@ -23,7 +23,9 @@ from cmtl.qr import (
     QRConfig,
     balanced_quota,
     class_balanced_indices,
+    dequantize_uint8,
     logit_quality,
+    quantize_uint8,
 )
 
 PAD = -1e4
@@ -541,3 +543,57 @@ def test_nbytes_matches_stored_tensors():
     # x float32 (3 features), y/task/num_valid int64, logits float32, quality/key float32
     assert qr.nbytes() == n * (3 * 4 + 3 * 8 + w * 4 + 2 * 4)
     assert qr.nbytes() == sum(t.numel() * t.element_size() for t in b.values())
+
+
+# -------------------------------------------------------------------------------------- uint8 storage
+
+
+def test_uint8_codes_restore_each_sample_within_half_a_step():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 8, 8) * torch.tensor([0.5, 1, 2, 4, 8, 16]).reshape(6, 1, 1, 1)
+    x[5] = 1.25  # a constant sample restores exactly
+    codes, low_step = quantize_uint8(x)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape and low_step.shape == (6, 2)
+    back = dequantize_uint8(codes, low_step)
+    span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).reshape(6, 1, 1, 1)
+    assert ((back - x).abs() <= span / 510 + 1e-6).all()
+    assert torch.equal(back[5], x[5])
+    assert (
+        codes[:5].reshape(5, -1).amin(dim=1).eq(0).all()
+        and codes[:5].reshape(5, -1).amax(dim=1).eq(255).all()
+    )
+
+
+def _images_buffer(storage: str) -> QRBuffer:
+    qr = QRBuffer(QRConfig(budget=8, storage=storage))
+    torch.manual_seed(1)
+    for task in range(2):
+        y = torch.tensor([0, 0, 1, 1, 0, 1])
+        qr.begin_task(task, torch.randn(6, 3, 8, 8), y, num_valid_classes=2)
+        qr.record(F.one_hot(y, 2).float() * 3)
+        qr.end_task()
+    return qr
+
+
+def test_uint8_storage_is_four_times_smaller_and_samples_close_images(tmp_path):
+    full, small = _images_buffer("float32"), _images_buffer("uint8")
+    assert small.buffer["x"].dtype == torch.uint8 and "x_range" not in full.buffer
+    assert small.nbytes() < full.nbytes() - 0.7 * full.buffer["x"].numel() * 4
+    a = full.sample(5, torch.Generator().manual_seed(3))
+    b = small.sample(5, torch.Generator().manual_seed(3))
+    assert torch.equal(a.index, b.index) and torch.equal(a.logits, b.logits) and b.x.dtype == torch.float32
+    span = (a.x.amax(dim=(1, 2, 3)) - a.x.amin(dim=(1, 2, 3))).reshape(5, 1, 1, 1)
+    assert ((a.x - b.x).abs() <= span / 510 + 1e-6).all() and not torch.equal(a.x, b.x)
+    # a checkpoint of either storage loads into the other, converted to the loading config's
+    for src, dst in ((small, "float32"), (full, "uint8"), (small, "uint8")):
+        state = src.state_dict()
+        save_file(state["tensors"], tmp_path / "qr.safetensors")
+        restored = QRBuffer(QRConfig(budget=8, storage=dst))
+        restored.load_state_dict({"tensors": load_file(tmp_path / "qr.safetensors"), "meta": state["meta"]})
+        assert restored.buffer["x"].dtype == (torch.uint8 if dst == "uint8" else torch.float32)
+        x = restored.sample(4, torch.Generator().manual_seed(0)).x
+        assert torch.allclose(x, full.sample(4, torch.Generator().manual_seed(0)).x, atol=0.05)
+    broken = small.state_dict()
+    del broken["tensors"]["buffer.x_range"]
+    with pytest.raises(ValueError, match="incomplete buffer"):
+        QRBuffer(QRConfig(budget=8, storage="uint8")).load_state_dict(broken)
