@@ -13,7 +13,8 @@ and `ctl.end_stream()` at the end, which consolidates whatever is still open.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,17 @@ from cmtl.model import CMTLModel
 from cmtl.qr import QRBuffer, QRConfig, class_balanced_indices
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout, fixed norms) for the block, then the model's own mode again."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def fading_coefficient(step: int, total: int, start: float = 0.0, end: float = 0.55) -> float:
@@ -119,9 +131,7 @@ class EMTALController:
         device = self._device()
         sums = torch.zeros(n, heads.in_features, device=device)
         counts = torch.zeros(n, device=device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with _evaluating(self.model):
             for x, y in batches:
                 local = torch.as_tensor(y, device=device).long() - first
                 if len(local) and (int(local.min()) < 0 or int(local.max()) >= n):
@@ -133,8 +143,6 @@ class EMTALController:
                 feats = self.model.forward_features(x.to(device)).float()
                 sums.index_add_(0, local, feats)
                 counts.index_add_(0, local, torch.ones_like(local, dtype=counts.dtype))
-        finally:
-            self.model.train(was_training)
         means = sums / counts.clamp(min=1).unsqueeze(1)
         return heads.init_newest_from_means(means, counts > 0)
 
@@ -180,16 +188,13 @@ class EMTALController:
         """Evaluate the pool and keep each sample's logits if their quality improved."""
         if self.qr is None or self.qr.pool_task != self.task:
             return
-        was_training = self.model.training
-        self.model.eval()
-        x = self.qr.pool["x"]
-        chunks = [
-            self.model(x[i : i + self.pool_batch_size].to(self._device()), self._head_arg(self.task)).cpu()
-            for i in range(0, len(x), self.pool_batch_size)
-        ]
+        x, size, head = self.qr.pool["x"], self.pool_batch_size, self._head_arg(self.task)
+        with _evaluating(self.model):
+            chunks = [
+                self.model(x[i : i + size].to(self._device()), head).cpu() for i in range(0, len(x), size)
+            ]
         if chunks:
             self.qr.record(torch.cat(chunks))
-        self.model.train(was_training)
 
     def end_task(self) -> bool:
         """Fade fully, fill the buffer, consolidate every `k` tasks; returns True if it merged."""

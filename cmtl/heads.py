@@ -101,14 +101,15 @@ class TaskHeads(nn.Module):
         if int(present.sum()) < 2:
             return False
         mu = means[present].to(head.weight)
-        centred = mu - mu.mean(dim=0)
+        m = mu.mean(dim=0)
+        centred = mu - m
         # mean squared distance between two different class means: sum over pairs = 2k sum |mu_c - m|^2
         mean_sq = 2 * centred.pow(2).sum() / (mu.shape[0] - 1)
         if not bool(torch.isfinite(mean_sq)) or float(mean_sq) <= 0:
             return False
         tau = 2.0 * margin / mean_sq
         head.weight[present] = tau * centred
-        head.bias[present] = -tau * (centred @ mu.mean(dim=0) + centred.pow(2).sum(dim=1) / 2)
+        head.bias[present] = -tau * (centred @ m + centred.pow(2).sum(dim=1) / 2)
         return True
 
     @torch.no_grad()
