@@ -8,7 +8,9 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from cmtl.backbone import UnsafeCheckpointError, create_backbone, load_state_dict_file
+from cmtl.lora import merge_is_cheaper
 from cmtl.model import AdapterConfig, CMTLModel
+from cmtl.moe import MoEMlp
 from cmtl.moefy import balanced_kmeans, find_mlps
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -101,6 +103,50 @@ def test_fade_then_consolidate_is_exact_plain_timm(mode, attn_lora):
     fresh = tiny_vit()
     fresh.load_state_dict(backbone.state_dict(), strict=True)
     assert (feats(fresh, x) - faded).abs().max() <= 1e-4
+
+
+def test_merging_before_the_matmul_is_chosen_by_token_count():
+    # ViT-B/16 MLP (768 -> 3072, 16 experts): one 197-token image stays low-rank, a batch of 64 merges
+    d, h, e = 768, 3072, 16
+    assert not merge_is_cheaper(197, e * d + 2 * h + d, 2 * h * d)
+    assert merge_is_cheaper(64 * 197, e * d + 2 * h + d, 2 * h * d)
+    assert not merge_is_cheaper(197, d + 3 * d, 3 * d * d)  # qkv LoRA
+
+
+@pytest.mark.parametrize("moe", [True, False])
+def test_eval_forward_with_merged_weights_equals_the_low_rank_path(moe, monkeypatch):
+    """In eval mode with enough tokens the adapters are added to the weights before the matmul (one
+    matmul per layer); outputs and gradients must be those of the low-rank training path."""
+    merged_calls = []
+    real = MoEMlp._forward_merged
+    monkeypatch.setattr(MoEMlp, "_forward_merged", lambda self, x: merged_calls.append(1) or real(self, x))
+    torch.manual_seed(0)
+    m = CMTLModel(tiny_vit(), AdapterConfig(num_experts=4, rank=2, moe=moe))
+    m.add_task(3)
+    m.add_task(2)
+    for p in m.adapter_parameters() + [q for n, q in m.named_parameters() if "router" in n]:
+        torch.nn.init.normal_(p, std=0.3)  # non-zero B and active routers, in both adapters
+    if moe:
+        m.set_fading(0.5, "task1")
+    x = torch.randn(4, 3, 32, 32)
+    probe = torch.randn(4, 32)  # not a squared norm: after the final LayerNorm its gradient is ~0
+
+    def out_and_grads(train: bool):
+        m.train(train)
+        m.zero_grad()
+        y = m.forward_features(x)
+        (y * probe).sum().backward()
+        return y.detach(), [p.grad.clone() for p in m.adapter_parameters()]
+
+    y_train, g_train = out_and_grads(True)
+    assert not merged_calls
+    y_eval, g_eval = out_and_grads(False)
+    assert len(merged_calls) == 2  # both MLPs took the merged path (68 tokens)
+    assert (y_train - feats(tiny_vit(), x)).abs().max() > 1e-2  # the adapters do change the function
+    assert (y_eval - y_train).abs().max() <= 1e-4 * y_train.abs().max()
+    g_eval, g_train = torch.cat([g.flatten() for g in g_eval]), torch.cat([g.flatten() for g in g_train])
+    assert g_train.abs().max() > 0
+    assert (g_eval - g_train).abs().max() <= 1e-4 * g_train.abs().max()
 
 
 def test_consolidate_refuses_unfaded_and_next_round_works():
