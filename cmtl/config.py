@@ -469,6 +469,8 @@ class StrategyConfig(_Section):
         buffer_size: Samples kept in the QR / replay buffer over all tasks.
         buffer_per_class: Cap per class; None divides `buffer_size` over the classes seen.
         buffer_selection: "balanced" (class-balanced) or "reservoir".
+        replay_batch_size: Buffer samples replayed per training step (QR buffer of EMTAL and der,
+            Avalanche's replay); None: as many as the training batch.
         buffer_storage: "float32" or "uint8": QR buffer images quantised per sample (4x smaller, in
             memory and in checkpoints), for the strategies with cmtl's buffer (EMTAL, der).
         qr_loss: Distance to the stored logits: "kl" (with temperature) or "mse".
@@ -509,6 +511,7 @@ class StrategyConfig(_Section):
     buffer_size: int = 200
     buffer_per_class: int | None = None
     buffer_selection: str = "balanced"
+    replay_batch_size: int | None = None
     buffer_storage: str = "float32"
     qr_loss: str = "kl"
     qr_temperature: float = 2.0
@@ -534,7 +537,7 @@ class StrategyConfig(_Section):
         _one_of(self, "qr_weighting", WEIGHTINGS)
         _one_of(self, "head_init", HEAD_INITS)
         _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "backbone_lr", "qr_temperature")
-        _positive(self, "lwf_temperature", "buffer_per_class", "checkpoint_every_epochs")
+        _positive(self, "lwf_temperature", "buffer_per_class", "checkpoint_every_epochs", "replay_batch_size")
         _non_negative(self, "weight_decay", "warmup_epochs", "buffer_size", "num_workers")
         _non_negative(self, "qr_lambda", "qr_ce_weight", "lwf_alpha", "ewc_lambda")
         if not 0.0 <= self.momentum < 1.0:

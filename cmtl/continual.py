@@ -174,7 +174,8 @@ class EMTALController:
             return out
         out["qr_in"] = self.qr.in_task_loss(logits, targets, self.task)
         if len(self.qr):
-            batch = self.qr.sample(targets.shape[0], device=logits.device)
+            size = self.qr.config.batch_size or targets.shape[0]
+            batch = self.qr.sample(size, device=logits.device)
             student = self.model(batch.x, self._head_arg(batch.task))
             out.update(self.qr.replay_loss(student, batch, self.model.heads.classes_per_task[-1]))
         return out

@@ -105,6 +105,9 @@ class QRConfig:
         max_weight: Upper cap of the in-task weight; None: only `ce_floor` bounds it.
         pool_factor: Candidate pool size per class = `pool_factor` x the per-class budget.
         seed: Seed of the buffer's own generator (reservoir keys, `sample` without a generator).
+        batch_size: Buffer samples replayed per training step; None: as many as the step's new
+            samples. A smaller replay batch makes each step cheaper (the replay forward/backward is
+            as large as the new batch otherwise).
     """
 
     budget: int | None = 200
@@ -123,6 +126,7 @@ class QRConfig:
     max_weight: float | None = 10.0
     pool_factor: float = 2.0
     seed: int = 0
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.budget is None and self.per_class is None:
@@ -156,6 +160,8 @@ class QRConfig:
                 raise ValueError(f"QRConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.max_weight is not None and not self.max_weight > 0:
             raise ValueError(f"QRConfig.max_weight must be > 0 or None, got {self.max_weight!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"QRConfig.batch_size must be an int >= 1 or None, got {self.batch_size!r}")
         if self.pool_factor < 1:
             raise ValueError(f"QRConfig.pool_factor must be >= 1, got {self.pool_factor!r}")
 

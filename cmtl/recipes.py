@@ -78,6 +78,7 @@ def qr_config(st: StrategyConfig, seed: int = 0, **changes) -> QRConfig:
         ce_weight=st.qr_ce_weight,
         weighting=st.qr_weighting,
         storage=st.buffer_storage,
+        batch_size=st.replay_batch_size,
         in_task_weight=1.0 if st.qr_in_task else 0.0,
         seed=seed,
     )

@@ -230,7 +230,7 @@ def build_strategy(
             extra.append(DistributedSync())
         return CMTLJoint(model=net, optimizer=optimizer, plugins=[*plugins, *extra], **common)
     if spec.avalanche == "replay":
-        extra.append(replay_plugin(st.buffer_size))
+        extra.append(replay_plugin(st.buffer_size, st.replay_batch_size))
     elif spec.avalanche == "lwf":
         extra.append(LwFPlugin(alpha=st.lwf_alpha, temperature=st.lwf_temperature))
     elif spec.avalanche == "ewc":

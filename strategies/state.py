@@ -61,9 +61,16 @@ class IndexedExperienceBalancedBuffer(ExperienceBalancedBuffer):
             g.resize(agent, size)
 
 
-def replay_plugin(mem_size: int) -> ReplayPlugin:
-    """Avalanche's `ReplayPlugin` with a checkpointable experience-balanced reservoir memory."""
-    return ReplayPlugin(mem_size=mem_size, storage_policy=IndexedExperienceBalancedBuffer(mem_size))
+def replay_plugin(mem_size: int, batch_size_mem: int | None = None) -> ReplayPlugin:
+    """Avalanche's `ReplayPlugin` with a checkpointable experience-balanced reservoir memory.
+
+    `batch_size_mem`: buffer samples per step (None: Avalanche's default, the training batch size).
+    """
+    return ReplayPlugin(
+        mem_size=mem_size,
+        batch_size_mem=batch_size_mem,
+        storage_policy=IndexedExperienceBalancedBuffer(mem_size),
+    )
 
 
 def _param_dict(prefix: str, params: dict[str, ParamData], tensors: dict[str, torch.Tensor]) -> list[str]:

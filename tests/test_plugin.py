@@ -94,6 +94,30 @@ def test_controller_fades_to_exactly_zero_and_merges_every_k():
     assert ctl.model.open_adapters == [] and len(ctl.qr) > 0
 
 
+@pytest.mark.parametrize("replay_batch", [None, 3])
+def test_replay_batch_size_sets_the_buffer_samples_per_step(replay_batch):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cmtl.continual import EMTALController
+
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    qr = QRConfig(budget=8, batch_size=replay_batch)
+    ctl = EMTALController(CMTLModel(vit, AdapterConfig(num_experts=4, rank=2)), EMTALConfig(qr=qr))
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 2
+    ctl.start_task(2, x, y)
+    ctl.record_pool()
+    ctl.end_task()
+    ctl.start_task(2, x, y)  # task-incremental: labels are the task's own
+    drawn = []
+    real = ctl.qr.sample
+    ctl.qr.sample = lambda n, **kw: drawn.append(n) or real(n, **kw)
+    logits = ctl.model(x[:5], 1)
+    losses = ctl.losses(logits, torch.arange(5) % 2)
+    assert drawn == [replay_batch or 5] and losses["qr"].item() >= 0
+    with pytest.raises(ValueError, match="QRConfig.batch_size must be an int >= 1 or None, got 0"):
+        QRConfig(batch_size=0)
+
+
 def _two_blob_images(n: int, label_offset: int = 0):
     """Images whose classes differ in colour: easy for class means, unseen by a random head."""
     y = torch.arange(n) % 2

@@ -77,6 +77,19 @@ def test_qr_config_follows_strategy_section():
     assert (qr.budget, qr.loss, qr.in_task_weight, qr.lambda_replay, qr.seed) == (50, "mse", 0.0, 0.5, 3)
 
 
+def test_replay_batch_size_reaches_avalanche_replay_and_the_qr_buffer():
+    from avalanche.training.plugins import ReplayPlugin
+    from cmtl.strategies import build_strategy
+
+    cfg = _small_cfg()
+    cfg.strategy.replay_batch_size = 5
+    assert qr_config(cfg.strategy).batch_size == 5
+    spec = strategy_spec("replay", cfg.model, cfg.strategy)
+    strategy = build_strategy(spec, CMTLModel(_vit(), spec.adapter), cfg.strategy, evaluator=_evaluator())
+    replay = [p for p in strategy.plugins if isinstance(p, ReplayPlugin)]
+    assert len(replay) == 1 and replay[0].batch_size_mem == 5
+
+
 @pytest.mark.parametrize("mode", ["til", "cil"])
 @pytest.mark.parametrize("name", STRATEGY_NAMES)
 def test_every_strategy_trains_and_evaluates(name, mode):
