@@ -137,47 +137,42 @@ class MoEMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        # eval with enough tokens: one matmul per layer with `W + B A` instead of the low-rank path
+        merged = None
         if not self.training and self.adapters:
             d, h = self.dim, self.hidden
             experts = max(ad.num_experts for ad in self.adapters.values())
             # per rank unit, the low-rank path costs tokens * (E d + 2 h + d), the merged one 2 h d
             if merge_is_cheaper(x.numel() // d, experts * d + 2 * h + d, 2 * h * d):
-                return self._forward_merged(x)
-        h = base.fc1(x)
+                merged = self._merged_weights()
+        if merged is not None:
+            h = F.linear(x, merged[0], base.fc1.bias)
+        else:
+            h = base.fc1(x)
+            for ad in self.adapters.values():
+                h = h + ad.fc1_delta(x)
         gate = None
         for ad in self.adapters.values():
-            h = h + ad.fc1_delta(x)
             g = ad.gate(x)
             if g is not None:
                 gate = g if gate is None else gate * g
         if gate is not None:
             h = (h.unflatten(-1, (self.num_experts, -1)) * gate.unsqueeze(-1)).flatten(-2)
         h = base.norm(base.drop1(base.act(h)))
+        if merged is not None:
+            return base.drop2(F.linear(h, merged[1], base.fc2.bias))
         y = base.fc2(h)
         for ad in self.adapters.values():
             y = y + ad.fc2_delta(h)
         return base.drop2(y)
 
-    def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval-mode forward with each layer's deltas added to its weight first (no dropout to keep).
-
-        The same function as the low-rank path, with one matmul per layer instead of three; used
-        when the batch has enough tokens for forming `W + B A` to cost less (`merge_is_cheaper`).
-        """
-        base = self.base_layer
-        w1, w2 = base.fc1.weight, base.fc2.weight
-        gate = None
+    def _merged_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fc1` and `fc2` weights with every open adapter's deltas added (not written back)."""
+        w1, w2 = self.base_layer.fc1.weight, self.base_layer.fc2.weight
         for ad in self.adapters.values():
             dw1, dw2 = ad.delta_weights()
             w1, w2 = w1 + dw1, w2 + dw2
-            g = ad.gate(x)
-            if g is not None:
-                gate = g if gate is None else gate * g
-        h = F.linear(x, w1, base.fc1.bias)
-        if gate is not None:
-            h = (h.unflatten(-1, (self.num_experts, -1)) * gate.unsqueeze(-1)).flatten(-2)
-        h = base.norm(base.drop1(base.act(h)))
-        return base.drop2(F.linear(h, w2, base.fc2.bias))
+        return w1, w2
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:

@@ -118,8 +118,8 @@ def test_eval_forward_with_merged_weights_equals_the_low_rank_path(moe, monkeypa
     """In eval mode with enough tokens the adapters are added to the weights before the matmul (one
     matmul per layer); outputs and gradients must be those of the low-rank training path."""
     merged_calls = []
-    real = MoEMlp._forward_merged
-    monkeypatch.setattr(MoEMlp, "_forward_merged", lambda self, x: merged_calls.append(1) or real(self, x))
+    real = MoEMlp._merged_weights
+    monkeypatch.setattr(MoEMlp, "_merged_weights", lambda self: merged_calls.append(1) or real(self))
     torch.manual_seed(0)
     m = CMTLModel(tiny_vit(), AdapterConfig(num_experts=4, rank=2, moe=moe))
     m.add_task(3)
