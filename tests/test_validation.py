@@ -131,7 +131,7 @@ def test_out_of_disk_space_keeps_the_previous_checkpoint(tmp_path, monkeypatch, 
 def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cmtl", "run", *SETS, "--set", "strategy.epochs=3", "--out", str(out)],
+        [sys.executable, "-m", "cmtl", "run", *SETS, "--set", "strategy.epochs=20", "--out", str(out)],
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -140,6 +140,9 @@ def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
     deadline = time.time() + 240
     while not (out / "checkpoint.safetensors").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    # the file appears while task 0's checkpoint is still being finished; a signal landing then
+    # rightly stops after task 0, so give the run a moment to enter task 1 (20 tiny epochs, ~3 s)
+    time.sleep(0.5)
     assert proc.poll() is None, "the run finished before the signal"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
