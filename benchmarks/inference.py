@@ -26,6 +26,7 @@ import json
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -72,7 +73,7 @@ class _WithHead(torch.nn.Module):
         return self.head(self.backbone(x))
 
 
-def build_models(kw: dict, adapters: int, workdir: Path) -> dict[str, torch.nn.Module]:
+def build_models(kw: dict, adapters: int, workdir: Path) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     plain = VisionTransformer(num_classes=10, **kw).eval()
     backbone = copy.deepcopy(plain)
     backbone.reset_classifier(0)
@@ -91,16 +92,13 @@ def build_models(kw: dict, adapters: int, workdir: Path) -> dict[str, torch.nn.M
     heads = load_file(str(snap_dir / "heads.safetensors"))
     head = torch.nn.Linear(heads["task0.weight"].shape[1], heads["task0.weight"].shape[0])
     head.load_state_dict({"weight": heads["task0.weight"], "bias": heads["task0.bias"]})
+    snapshot = _WithHead(loaded, head).eval()
     with torch.inference_mode():  # the snapshot computes what the faded model computes
         x = torch.randn(2, 3, kw.get("img_size", 224), kw.get("img_size", 224))
-        gap = (_WithHead(loaded, head)(x) - merged(x, 0)).abs().max().item()
+        gap = (snapshot(x) - merged(x, 0)).abs().max().item()
     if gap > 1e-3:
         raise RuntimeError(f"the snapshot loaded by timm differs from the consolidated model by {gap:.2e}")
-    return {
-        "plain": plain,
-        "routed": lambda t, m=routed: m(t, 0),
-        "snapshot": _WithHead(loaded, head).eval(),
-    }
+    return {"plain": plain, "routed": lambda t, m=routed: m(t, 0), "snapshot": snapshot}
 
 
 def main() -> None:
