@@ -27,7 +27,7 @@ import yaml
 from cmtl import optim
 from cmtl.heads import HEAD_INITS
 from cmtl.losses import list_distill_losses
-from cmtl.qr import SELECTIONS, STORAGES, WEIGHTINGS
+from cmtl.qr import BANK_UPDATES, SELECTIONS, STORAGES, WEIGHTINGS
 from cmtl.registry import closest
 
 __all__ = [
@@ -480,6 +480,10 @@ class StrategyConfig(_Section):
         qr_weighting: "fixed" (qr_lambda and qr_ce_weight as given) or "classes" (both multiplied by
             classes in the buffer / classes of the current task, so every class seen weighs the same).
         qr_in_task: Also apply EMTAL's in-task QR (pull toward the class's high-quality logits).
+        qr_in_task_max_weight: Cap of the in-task QR weight, which is 1 / the task's running
+            cross-entropy (so it grows as the task is learned).
+        qr_bank_update: How the in-task target of a class follows training: "ema" (moving average
+            of its correctly classified logits) or "best" (the highest-margin batch mean so far).
         weight_aligning: Class-incremental: after every task rescale the newest classes' head rows to
             the mean norm of the older ones (WA, Zhao et al. 2020), for every strategy but joint.
         head_init: "random" or "prototype": each new task's head starts as the nearest-class-mean
@@ -519,6 +523,8 @@ class StrategyConfig(_Section):
     qr_ce_weight: float = 0.0
     qr_weighting: str = "fixed"
     qr_in_task: bool = True
+    qr_in_task_max_weight: float = 10.0
+    qr_bank_update: str = "ema"
     weight_aligning: bool = False
     head_init: str = "random"
     lwf_alpha: float = 1.0
@@ -535,9 +541,11 @@ class StrategyConfig(_Section):
         _one_of(self, "buffer_storage", STORAGES)
         _one_of(self, "qr_loss", QR_LOSSES)
         _one_of(self, "qr_weighting", WEIGHTINGS)
+        _one_of(self, "qr_bank_update", BANK_UPDATES)
         _one_of(self, "head_init", HEAD_INITS)
         _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "backbone_lr", "qr_temperature")
         _positive(self, "lwf_temperature", "buffer_per_class", "checkpoint_every_epochs", "replay_batch_size")
+        _positive(self, "qr_in_task_max_weight")
         _non_negative(self, "weight_decay", "warmup_epochs", "buffer_size", "num_workers")
         _non_negative(self, "qr_lambda", "qr_ce_weight", "lwf_alpha", "ewc_lambda")
         if not 0.0 <= self.momentum < 1.0:

@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 SELECTIONS = ("balanced", "reservoir")
 WEIGHTINGS = ("fixed", "classes")
 STORAGES = ("float32", "uint8")
+BANK_UPDATES = ("ema", "best")
 STATE_FORMAT = 1
 # quality of an incorrectly classified sample: below every correct one (whose margin is > 0)
 INCORRECT_QUALITY = float("-inf")
@@ -98,6 +99,9 @@ class QRConfig:
             the sample's range) and restored to float32 when sampled. The pool a task records its
             logits on stays float32.
         bank_momentum: EMA momentum of the per-class logit bank (weight of the old value).
+        bank_update: How a class's bank entry follows the batches: "ema" (moving average of the
+            correct samples' mean logits, `bank_momentum`) or "best" (replaced only by a batch mean of
+            higher quality, i.e. a larger true-class margin, so the entry keeps the best logits seen).
         ce_momentum: EMA momentum of each task's running cross-entropy.
         in_task_weight: Scale of the in-task QR term (0 disables it); the term is
             `in_task_weight / max(running_ce, ce_floor)`, capped at `max_weight`.
@@ -120,6 +124,7 @@ class QRConfig:
     weighting: str = "fixed"
     storage: str = "float32"
     bank_momentum: float = 0.9
+    bank_update: str = "ema"
     ce_momentum: float = 0.9
     in_task_weight: float = 1.0
     ce_floor: float = 0.05
@@ -142,6 +147,10 @@ class QRConfig:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(
                 f"QRConfig.weighting {self.weighting!r} is unknown; valid: {', '.join(WEIGHTINGS)}"
+            )
+        if self.bank_update not in BANK_UPDATES:
+            raise ValueError(
+                f"QRConfig.bank_update {self.bank_update!r} is unknown; valid: {', '.join(BANK_UPDATES)}"
             )
         if self.storage not in STORAGES:
             raise ValueError(f"QRConfig.storage {self.storage!r} is unknown; valid: {', '.join(STORAGES)}")
@@ -441,9 +450,14 @@ class QRBuffer:
             counts = torch.bincount(t, minlength=nv).to(bank.dtype)
             seen = counts > 0
             mean = sums[seen] / counts[seen, None]
-            m = self.config.bank_momentum
             old = bank[seen]
-            bank[seen] = torch.where(filled[seen, None], m * old + (1 - m) * mean, mean)
+            if self.config.bank_update == "best":
+                cls = seen.nonzero().squeeze(1)
+                better = ~filled[seen] | (logit_quality(mean, cls) > logit_quality(old, cls))
+                bank[seen] = torch.where(better[:, None], mean, old)
+            else:
+                m = self.config.bank_momentum
+                bank[seen] = torch.where(filled[seen, None], m * old + (1 - m) * mean, mean)
             filled |= seen
         self._bank[task], self._bank_filled[task] = bank, filled
 

@@ -80,6 +80,8 @@ def qr_config(st: StrategyConfig, seed: int = 0, **changes) -> QRConfig:
         storage=st.buffer_storage,
         batch_size=st.replay_batch_size,
         in_task_weight=1.0 if st.qr_in_task else 0.0,
+        max_weight=st.qr_in_task_max_weight,
+        bank_update=st.qr_bank_update,
         seed=seed,
     )
     return dataclasses.replace(cfg, **changes)

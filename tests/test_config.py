@@ -197,6 +197,8 @@ BAD_FILES = [
     ("strategy: {warmup_epochs: 9, epochs: 3}\n", "'strategy.warmup_epochs' must be <= strategy.epochs (3)"),
     ("strategy: {checkpoint_every_epochs: 0}\n", "'strategy.checkpoint_every_epochs' must be > 0"),
     ("strategy: {replay_batch_size: 0}\n", "'strategy.replay_batch_size' must be > 0"),
+    ("strategy: {qr_in_task_max_weight: 0}\n", "'strategy.qr_in_task_max_weight' must be > 0"),
+    ("strategy: {qr_bank_update: max}\n", "'strategy.qr_bank_update' is 'max'"),
     ("scenario: {mode: tli}\n", "'scenario.mode' is 'tli' (did you mean 'til'?); valid: til, cil"),
     ("scenario: {n_tasks: 0}\n", "'scenario.n_tasks' must be > 0"),
     ("scenario: {classes_per_task: 0}\n", "'scenario.classes_per_task' must be > 0"),

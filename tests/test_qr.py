@@ -179,6 +179,19 @@ def test_bank_updates_only_from_correct_samples():
     assert torch.equal(qr._bank[0][0], before[0])
 
 
+def test_best_bank_keeps_the_highest_margin_batch_mean():
+    qr = QRBuffer(QRConfig(bank_update="best"))
+    qr.update_bank(torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]]), torch.tensor([0, 1]), task=0)
+    first = qr._bank[0].clone()
+    # class 0: margin 1 -> 4 replaces it; class 1: margin 2 -> 0.5 keeps the old entry
+    qr.update_bank(torch.tensor([[5.0, 1.0, 0.0], [0.0, 1.5, 1.0]]), torch.tensor([0, 1]), task=0)
+    assert qr._bank[0][0].tolist() == [5.0, 1.0, 0.0]
+    assert torch.equal(qr._bank[0][1], first[1])
+    assert qr._bank_filled[0].tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="bank_update 'max' is unknown; valid: ema, best"):
+        QRConfig(bank_update="max")
+
+
 def test_in_task_loss_zero_without_bank_and_grad_safe():
     qr = QRBuffer()
     logits = torch.randn(4, 3, requires_grad=True)

@@ -75,6 +75,8 @@ def test_qr_config_follows_strategy_section():
     )
     qr = qr_config(st, seed=3)
     assert (qr.budget, qr.loss, qr.in_task_weight, qr.lambda_replay, qr.seed) == (50, "mse", 0.0, 0.5, 3)
+    st = dataclasses.replace(st, qr_in_task_max_weight=2.5, qr_bank_update="best")
+    assert (qr_config(st).max_weight, qr_config(st).bank_update) == (2.5, "best")
 
 
 def test_replay_batch_size_reaches_avalanche_replay_and_the_qr_buffer():
