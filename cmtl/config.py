@@ -27,7 +27,7 @@ import yaml
 from cmtl import optim
 from cmtl.heads import HEAD_INITS
 from cmtl.losses import list_distill_losses
-from cmtl.qr import BANK_UPDATES, SELECTIONS, STORAGES, WEIGHTINGS
+from cmtl.qr import BANK_UPDATES, DISTILL_WEIGHTS, SELECTIONS, STORAGES, WEIGHTINGS
 from cmtl.registry import closest
 
 __all__ = [
@@ -484,6 +484,12 @@ class StrategyConfig(_Section):
             cross-entropy (so it grows as the task is learned).
         qr_bank_update: How the in-task target of a class follows training: "ema" (moving average
             of its correctly classified logits) or "best" (the highest-margin batch mean so far).
+        qr_refresh: After every task, re-evaluate the QR buffer and keep each sample's logits where
+            the model's are now of higher quality (best logits over the stream, not only over the
+            sample's own task). EMTAL and its ablations only; DER keeps its logits as stored.
+        qr_distill_weight: Per-sample weight of the distillation on buffer batches: "uniform",
+            "correct" (only samples whose stored logits are right) or "confidence" (their stored
+            probability of the true class).
         weight_aligning: Class-incremental: after every task rescale the newest classes' head rows to
             the mean norm of the older ones (WA, Zhao et al. 2020), for every strategy but joint.
         head_init: "random" or "prototype": each new task's head starts as the nearest-class-mean
@@ -525,6 +531,8 @@ class StrategyConfig(_Section):
     qr_in_task: bool = True
     qr_in_task_max_weight: float = 10.0
     qr_bank_update: str = "ema"
+    qr_refresh: bool = False
+    qr_distill_weight: str = "uniform"
     weight_aligning: bool = False
     head_init: str = "random"
     lwf_alpha: float = 1.0
@@ -542,6 +550,7 @@ class StrategyConfig(_Section):
         _one_of(self, "qr_loss", QR_LOSSES)
         _one_of(self, "qr_weighting", WEIGHTINGS)
         _one_of(self, "qr_bank_update", BANK_UPDATES)
+        _one_of(self, "qr_distill_weight", DISTILL_WEIGHTS)
         _one_of(self, "head_init", HEAD_INITS)
         _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "backbone_lr", "qr_temperature")
         _positive(self, "lwf_temperature", "buffer_per_class", "checkpoint_every_epochs", "replay_batch_size")

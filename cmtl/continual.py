@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from cmtl.heads import HEAD_INITS
 from cmtl.model import CMTLModel
@@ -197,8 +198,27 @@ class EMTALController:
         if chunks:
             self.qr.record(torch.cat(chunks))
 
+    @torch.no_grad()
+    def refresh_buffer(self) -> int:
+        """Evaluate the buffer under each sample's own head; keep logits where their quality improved."""
+        if self.qr is None or not len(self.qr):
+            return 0
+        size, buf, dev = self.pool_batch_size, self.qr.buffer, self._device()
+        x = self.qr.buffer_images()
+        with _evaluating(self.model):
+            chunks = [
+                self.model(x[i : i + size].to(dev), self._head_arg(buf["task"][i : i + size].to(dev))).cpu()
+                for i in range(0, len(x), size)
+            ]
+        # a TIL batch is as wide as its widest head; columns past a sample's own are not read
+        width = buf["logits"].shape[1]
+        replaced = self.qr.refresh(torch.cat([F.pad(c, (0, max(0, width - c.shape[1]))) for c in chunks]))
+        logger.info("QR buffer after task %d: %d of %d records improved", self.task, replaced, len(self.qr))
+        return replaced
+
     def end_task(self) -> bool:
-        """Fade fully, fill the buffer, consolidate every `k` tasks; returns True if it merged."""
+        """Fade fully, fill the buffer, consolidate every `k` tasks (returns True if it merged) and,
+        with `qr.refresh`, let the buffer keep whatever logits of the final model are better."""
         if self.adapter is not None:
             self.model.set_fading(0.0, self.adapter)
         if self.qr is not None and self.qr.pool_task == self.task:
@@ -206,9 +226,10 @@ class EMTALController:
         if self.config.align_heads:
             self.model.heads.align_newest()
         self.tasks_since_merge += 1
-        if self.tasks_since_merge >= self.config.consolidate_every:
-            return self.consolidate()
-        return False
+        merged = self.tasks_since_merge >= self.config.consolidate_every and self.consolidate()
+        if self.qr is not None and self.qr.config.refresh:
+            self.refresh_buffer()
+        return merged
 
     def consolidate(self) -> bool:
         if not self.model.open_adapters:

@@ -57,6 +57,7 @@ __all__ = [
     "QRBuffer",
     "QRConfig",
     "ReplayBatch",
+    "DISTILL_WEIGHTS",
     "SELECTIONS",
     "STORAGES",
     "WEIGHTINGS",
@@ -71,6 +72,7 @@ SELECTIONS = ("balanced", "reservoir")
 WEIGHTINGS = ("fixed", "classes")
 STORAGES = ("float32", "uint8")
 BANK_UPDATES = ("ema", "best")
+DISTILL_WEIGHTS = ("uniform", "correct", "confidence")
 STATE_FORMAT = 1
 # quality of an incorrectly classified sample: below every correct one (whose margin is > 0)
 INCORRECT_QUALITY = float("-inf")
@@ -112,6 +114,14 @@ class QRConfig:
         batch_size: Buffer samples replayed per training step; None: as many as the step's new
             samples. A smaller replay batch makes each step cheaper (the replay forward/backward is
             as large as the new batch otherwise).
+        refresh: Keep each buffer sample's best logits over the whole stream, not only over its own
+            task: `refresh` offers the model's logits on the buffer (the controller does so after
+            every task) and a stored record is replaced where the new one has higher quality. False
+            freezes a sample's logits when it enters the buffer (DER's behaviour).
+        distill_weight: How much each buffer sample's distillation term counts: "uniform" (all the
+            same), "correct" (only samples whose stored logits classify them correctly: a wrong
+            record is not worth retaining) or "confidence" (the stored softmax probability of the
+            true class, over the sample's own columns).
     """
 
     budget: int | None = 200
@@ -132,6 +142,8 @@ class QRConfig:
     pool_factor: float = 2.0
     seed: int = 0
     batch_size: int | None = None
+    refresh: bool = False
+    distill_weight: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.budget is None and self.per_class is None:
@@ -151,6 +163,11 @@ class QRConfig:
         if self.bank_update not in BANK_UPDATES:
             raise ValueError(
                 f"QRConfig.bank_update {self.bank_update!r} is unknown; valid: {', '.join(BANK_UPDATES)}"
+            )
+        if self.distill_weight not in DISTILL_WEIGHTS:
+            raise ValueError(
+                f"QRConfig.distill_weight {self.distill_weight!r} is unknown; "
+                f"valid: {', '.join(DISTILL_WEIGHTS)}"
             )
         if self.storage not in STORAGES:
             raise ValueError(f"QRConfig.storage {self.storage!r} is unknown; valid: {', '.join(STORAGES)}")
@@ -348,6 +365,10 @@ class QRBuffer:
         """The stored tensors (read-only view): x, y, task, logits, num_valid, quality, key, and with
         `storage="uint8"` x as uint8 codes plus x_range (each sample's low value and step)."""
         return dict(self._buffer)
+
+    def buffer_images(self) -> torch.Tensor:
+        """The buffer's images as float32 (decoded under `storage="uint8"`), in buffer order."""
+        return self._decode(self._buffer) if self._buffer else torch.zeros(0)
 
     @property
     def pool_task(self) -> int | None:
@@ -558,6 +579,42 @@ class QRBuffer:
         self._pool["recorded"][upd] = True
         return int(better.sum())
 
+    @torch.no_grad()
+    def refresh(self, logits: torch.Tensor, indices: torch.Tensor | None = None) -> int:
+        """Offer the model's current logits on buffer samples; keep them where quality improves.
+
+        The buffer's counterpart of `record`: each sample is judged on the columns of its own task
+        (its `num_valid`), so a class-incremental head that grew since does not count.
+
+        Args:
+            logits: Logits of the buffer samples (all of them in buffer order, or those in
+                `indices`), at least as wide as the widest stored record; extra columns are ignored.
+            indices: Buffer positions of the rows of `logits`.
+
+        Returns:
+            The number of records replaced.
+        """
+        n = len(self)
+        idx = torch.arange(n) if indices is None else torch.as_tensor(indices).long().cpu().reshape(-1)
+        width = self._buffer["logits"].shape[1] if n else 0
+        if logits.dim() != 2 or logits.shape[0] != idx.shape[0] or logits.shape[1] < width:
+            raise ValueError(
+                f"refresh() expects logits of shape ({idx.shape[0]}, >= {width}); got {tuple(logits.shape)}"
+            )
+        if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < n):
+            raise ValueError(f"indices must be in [0, {n}); got min {int(idx.min())} max {int(idx.max())}")
+        if not idx.numel():
+            return 0
+        b = self._buffer
+        valid = torch.arange(width)[None, :] < b["num_valid"][idx][:, None]
+        logits = logits.detach()[:, :width].float().cpu()
+        quality = logit_quality(logits.masked_fill(~valid, float("-inf")), b["y"][idx])
+        better = quality > b["quality"][idx]
+        upd = idx[better]
+        b["logits"][upd] = logits[better].masked_fill(~valid[better], 0.0)
+        b["quality"][upd] = quality[better]
+        return int(better.sum())
+
     @property
     def pool(self) -> dict[str, torch.Tensor]:
         """The open pool (x, y, logits, quality, recorded); empty when none is open."""
@@ -711,7 +768,10 @@ class QRBuffer:
         teacher = _pad_columns(batch.logits.to(dev), width)
         mask = F.pad(batch.mask.to(dev), (0, width - stored), value=False)
         scale = self.replay_weight(new_classes)
-        terms = {"qr": scale * self.config.lambda_replay * self.distill(student_logits, teacher, mask)}
+        weight = self._distill_weight(teacher, mask, batch.y.to(dev))
+        terms = {
+            "qr": scale * self.config.lambda_replay * self.distill(student_logits, teacher, mask, weight)
+        }
         if self.config.ce_weight > 0:
             # over every column the student has now: in a class-incremental head this is what
             # teaches that an old sample is none of the classes added since it was stored (the
@@ -719,6 +779,17 @@ class QRBuffer:
             # columns hold -1e4 and add nothing
             terms["qr_ce"] = scale * self.config.ce_weight * F.cross_entropy(student_logits, batch.y.to(dev))
         return terms
+
+    def _distill_weight(
+        self, teacher: torch.Tensor, mask: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Per-sample weight of the distillation term under `config.distill_weight` (None: uniform)."""
+        if self.config.distill_weight == "uniform":
+            return None
+        own = teacher.float().masked_fill(~mask, float("-inf"))
+        if self.config.distill_weight == "correct":
+            return (logit_quality(own, y) > INCORRECT_QUALITY).float()
+        return own.softmax(dim=1).gather(1, y[:, None]).squeeze(1)
 
     # ------------------------------------------------------------------------------------- checkpoints
 

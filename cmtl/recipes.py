@@ -82,6 +82,8 @@ def qr_config(st: StrategyConfig, seed: int = 0, **changes) -> QRConfig:
         in_task_weight=1.0 if st.qr_in_task else 0.0,
         max_weight=st.qr_in_task_max_weight,
         bank_update=st.qr_bank_update,
+        refresh=st.qr_refresh,
+        distill_weight=st.qr_distill_weight,
         seed=seed,
     )
     return dataclasses.replace(cfg, **changes)
@@ -140,8 +142,10 @@ def _naive(mc: ModelConfig, st: StrategyConfig, seed: int) -> StrategySpec:
 
 @STRATEGIES.register("der")
 def _der(mc: ModelConfig, st: StrategyConfig, seed: int) -> StrategySpec:
-    # Dark Experience Replay: MSE to the logits stored with each buffer sample, no in-task QR term
-    return _full_finetuning("der", st, qr_config(st, seed, loss="mse", in_task_weight=0.0))
+    # Dark Experience Replay (DER++ with qr_ce_weight > 0): MSE to the logits stored with each buffer
+    # sample, every sample alike and as stored; none of EMTAL's in-task term, refresh or weighting
+    qr = qr_config(st, seed, loss="mse", in_task_weight=0.0, refresh=False, distill_weight="uniform")
+    return _full_finetuning("der", st, qr)
 
 
 @STRATEGIES.register("replay")

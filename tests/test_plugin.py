@@ -197,3 +197,49 @@ def test_plugin_starts_each_head_from_the_experience_class_means():
     for exp in stream.benchmark.train_stream:
         strategy.train(exp)
     assert checked == [True, True]
+
+
+@pytest.mark.parametrize("mode", ["til", "cil"])
+def test_refresh_buffer_keeps_the_best_of_stored_and_final_model_logits(mode):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cmtl.continual import EMTALController
+    from cmtl.qr import logit_quality
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    qr = QRConfig(budget=12, selection="reservoir", refresh=True)
+    model = CMTLModel(vit, AdapterConfig(num_experts=4, rank=2), mode=mode)
+    ctl = EMTALController(model, EMTALConfig(qr=qr))
+    seen = []
+    real = ctl.qr.refresh
+    ctl.qr.refresh = lambda logits: (
+        seen.append((ctl.qr.buffer["quality"].clone(), real(logits))) or seen[-1][1]
+    )
+    for task in range(2):
+        x, y = _two_blob_images(12, label_offset=2 * task if mode == "cil" else 0)
+        ctl.start_task(2, x, y)
+        ctl.init_head([(x, y)])
+        ctl.record_pool()
+        if task == 1:
+            with torch.no_grad():  # sharper task-0 logits: its correct samples gain margin
+                for p in model.heads.heads[0].parameters():
+                    p[:2].mul_(2.0)
+        ctl.end_task()
+    assert len(seen) == 2
+    before, replaced = seen[1]
+    b = ctl.qr.buffer
+    with torch.no_grad():
+        model.eval()
+        now = torch.cat(
+            [
+                model(ctl.qr.buffer_images()[i : i + 1], int(t) if mode == "til" else None)
+                for i, t in enumerate(b["task"])
+            ]
+        )
+    valid = torch.arange(now.shape[1])[None, :] < b["num_valid"][:, None]
+    now_quality = logit_quality(now.masked_fill(~valid, float("-inf")), b["y"])
+    expected = torch.maximum(before, now_quality)
+    assert torch.allclose(b["quality"], expected)
+    gained = now_quality > before + 1e-4  # one sample at a time here: float noise of 1e-6 otherwise
+    assert replaced == int(gained.sum()) and bool(gained[b["task"] == 0].all()) and replaced > 0

@@ -610,3 +610,68 @@ def test_uint8_storage_is_four_times_smaller_and_samples_close_images(tmp_path):
     del broken["tensors"]["buffer.x_range"]
     with pytest.raises(ValueError, match="incomplete buffer"):
         QRBuffer(QRConfig(budget=8, storage="uint8")).load_state_dict(broken)
+
+
+def test_refresh_keeps_the_better_record_on_each_sample_s_own_columns():
+    qr = QRBuffer(QRConfig(budget=8, selection="reservoir"))
+    _run_task(qr, 0, n_classes=2, per_class=4)  # 2 valid columns
+    _run_task(qr, 1, n_classes=3, per_class=4, cil_offset=2)  # 5 valid columns
+    b = qr.buffer
+    before_logits, before_quality = b["logits"].clone(), b["quality"].clone()
+    n, width = len(qr), b["logits"].shape[1]
+    assert width == 5 and sorted(set(b["num_valid"].tolist())) == [2, 5]
+    old_task = b["num_valid"] == 2
+    wrong = int(old_task.nonzero()[0])
+    new = torch.zeros(n, width + 1)  # one extra column: ignored
+    new[torch.arange(n), b["y"]] = before_quality + 1.0  # every margin grows by 1 ...
+    new[old_task, width - 1] = 50.0  # ... and a task-0 sample is judged without this later column
+    new[wrong] = 0.0
+    new[wrong, 1 - b["y"][wrong]] = 1.0  # now wrong: never replaces a correct record
+    replaced = qr.refresh(new)
+    b = qr.buffer
+    improved = torch.ones(n, dtype=torch.bool)
+    improved[wrong] = False
+    assert replaced == n - 1
+    assert torch.equal(b["quality"][improved], before_quality[improved] + 1.0)
+    assert torch.equal(b["logits"][old_task & improved, 2:], torch.zeros(int(old_task.sum()) - 1, 3))
+    assert torch.equal(b["logits"][wrong], before_logits[wrong])
+    assert b["quality"][wrong] == before_quality[wrong]
+    # chunked by indices, and shapes checked
+    assert qr.refresh(new[:2], indices=torch.tensor([0, 1])) == 0
+    with pytest.raises(ValueError, match=r"refresh\(\) expects logits of shape \(8, >= 5\); got \(8, 4\)"):
+        qr.refresh(torch.zeros(n, 4))
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 8\)"):
+        qr.refresh(torch.zeros(1, 5), indices=torch.tensor([8]))
+
+
+@pytest.mark.parametrize("mode", ["correct", "confidence"])
+def test_distill_weight_counts_each_sample_by_its_stored_record(mode):
+    uniform = _filled_buffer(selection="reservoir")
+    weighted = _filled_buffer(selection="reservoir", distill_weight=mode)
+    batch = uniform.sample(8, torch.Generator().manual_seed(2))
+    # make two stored records wrong on their own columns (the padding column stays out of it)
+    wrong = torch.tensor([0, 3])
+    batch.logits[wrong] = -batch.logits[wrong]
+    batch.logits[~batch.mask] = 0.0
+    student = torch.randn(8, batch.logits.shape[1])
+    got = weighted.replay_loss(student, batch)["qr"]
+    per = torch.stack(
+        [
+            kl_distill(student[i : i + 1, :nv], batch.logits[i : i + 1, :nv])
+            for i, nv in enumerate(batch.num_valid.tolist())
+        ]
+    )
+    if mode == "correct":
+        w = torch.ones(8)
+        w[wrong] = 0.0
+    else:
+        w = torch.stack(
+            [batch.logits[i, :nv].softmax(0)[batch.y[i]] for i, nv in enumerate(batch.num_valid.tolist())]
+        )
+        assert bool((w[wrong] < 0.5).all()) and bool((w[1:3] > 0.5).all())
+    assert got.item() == pytest.approx((w * per).mean().item(), rel=1e-5)
+    assert got.item() < uniform.replay_loss(student, batch)["qr"].item() + 1e-6
+    with pytest.raises(
+        ValueError, match="distill_weight 'best' is unknown; valid: uniform, correct, confidence"
+    ):
+        QRConfig(distill_weight="best")

@@ -77,6 +77,13 @@ def test_qr_config_follows_strategy_section():
     assert (qr.budget, qr.loss, qr.in_task_weight, qr.lambda_replay, qr.seed) == (50, "mse", 0.0, 0.5, 3)
     st = dataclasses.replace(st, qr_in_task_max_weight=2.5, qr_bank_update="best")
     assert (qr_config(st).max_weight, qr_config(st).bank_update) == (2.5, "best")
+    st = dataclasses.replace(st, qr_refresh=True)
+    assert (
+        qr_config(st).refresh
+        and strategy_spec("emtal_no_fading", ExperimentConfig().model, st).emtal.qr.refresh
+    )
+    # DER keeps its logits as they were stored, whatever the EMTAL setting
+    assert not strategy_spec("der", ExperimentConfig().model, st).emtal.qr.refresh
 
 
 def test_replay_batch_size_reaches_avalanche_replay_and_the_qr_buffer():
