@@ -112,8 +112,21 @@ def _signal_inside_task(monkeypatch, task, epoch, step):
         (["strategy.name=lwf"], 0, 2),
         (["strategy.name=der", "scenario.mode=cil"], 1, 1),
         (["strategy.head_init=prototype"], 0, 2),
+        # augmentation drawn in worker processes, whose seeds come from the epoch's RNG state
+        (["strategy.num_workers=2", "scenario.augment=true"], 1, 1),
+        (["strategy.qr_refresh=true", "strategy.qr_distill_weight=confidence"], 0, 2),
     ],
-    ids=["emtal-k2-mid", "emtal-k2-epoch-end", "replay", "ewc", "lwf", "der-cil", "emtal-prototype-heads"],
+    ids=[
+        "emtal-k2-mid",
+        "emtal-k2-epoch-end",
+        "replay",
+        "ewc",
+        "lwf",
+        "der-cil",
+        "emtal-prototype-heads",
+        "emtal-2-workers",
+        "emtal-refresh",
+    ],
 )
 def test_interrupted_inside_a_task_resumes_to_identical_results(tmp_path, monkeypatch, extra, epoch, step):
     from cmtl.checkpoint import load_checkpoint
