@@ -49,6 +49,43 @@ def _echo_run(echo: Callable[[str], None], res: dict[str, Any]) -> None:
     )
 
 
+def _paired(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """Final accuracy of the first strategy minus each other's, seed by seed (None: < 2 seeds)."""
+    from cmtl.metrics import paired_differences
+
+    names = list(runs)
+    if len(names) < 2:
+        return None
+    per_seed = {n: {r["seed"]: r["final_average_accuracy"] for r in rs} for n, rs in runs.items()}
+    against = {n: paired_differences(per_seed[names[0]], per_seed[n]) for n in names[1:]}
+    if any(v is None for v in against.values()):
+        return None
+    return {"reference": names[0], "metric": "final_average_accuracy", "against": against}
+
+
+def _paired_table(paired: dict[str, Any]) -> tuple[str, str]:
+    """The paired differences as a terminal and a markdown table."""
+    from cmtl.metrics import compare_table
+
+    ref = paired["reference"]
+    rows = [
+        {
+            "strategy": name,
+            "lead": f"{100 * d['mean']:+.1f} ± {100 * d['standard_error']:.1f}",
+            "per_seed": " / ".join(f"{100 * x:+.1f}" for x in d["differences"]),
+            "ahead": f"{d['ahead']} of {len(d['seeds'])}",
+        }
+        for name, d in paired["against"].items()
+    ]
+    columns = [
+        ("strategy", "strategy"),
+        ("lead", f"{ref} − strategy, final acc (pt, ± s.e.)"),
+        ("per_seed", "per seed (pt)"),
+        ("ahead", f"{ref} ahead on"),
+    ]
+    return compare_table(rows, columns)
+
+
 def _run_one(cfg: ExperimentConfig, out: Path, resume: bool, threads: int | None) -> dict[str, Any]:
     """One (strategy, seed) run; a finished one is read back, an unfinished one resumed if asked."""
     import json
@@ -82,6 +119,10 @@ def run_compare(
     resume: bool = False,
 ) -> dict[str, Any]:
     """Run every strategy with seeds cfg.seed, cfg.seed+1, ...; write compare.json and compare.md.
+
+    With two seeds or more a second table compares the first strategy with each other one seed by
+    seed (same data, subsample and order per seed): the mean difference of final accuracy, its
+    standard error and on how many seeds the first is ahead.
 
     `jobs` > 1 runs that many runs at once in separate processes, sharing the CPU threads among
     them (results do not depend on it: every run is seeded). `resume=True` keeps finished runs,
@@ -140,15 +181,21 @@ def run_compare(
         row["trainable_parameters"] = max(max(r["trainable_parameters_per_task"] or [0]) for r in results)
         rows.append(row)
     text, markdown = compare_table(rows, COLUMNS)
+    paired = _paired(runs)
     summary = {
         "config": cfg.name,
         "seeds": seed_list,
         "strategies": list(strategies),
         "rows": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in rows],
         "runs": {n: [r["accuracy_matrix"] for r in rs] for n, rs in runs.items()},
+        "paired": paired,
     }
     write_json(root / "compare.json", summary)
     header = f"# cmtl compare: {cfg.name}\n\nseeds {seed_list}; mean ± std over seeds.\n\n"
+    if paired:
+        paired_text, paired_md = _paired_table(paired)
+        text += "\n\n" + paired_text
+        markdown += "\n\n" + paired_md
     (root / "compare.md").write_text(header + markdown + "\n", encoding="utf-8")
     echo(text)
     echo(f"wrote {root / 'compare.json'} and {root / 'compare.md'}")

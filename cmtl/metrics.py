@@ -25,6 +25,7 @@ __all__ = [
     "compare_table",
     "format_matrix",
     "mean_std",
+    "paired_differences",
     "row_labels",
     "summarize",
     "validate_matrix",
@@ -147,6 +148,33 @@ def mean_std(values: Sequence[float | None]) -> tuple[float, float] | None:
         return None
     mean = _mean(present)
     return mean, math.sqrt(_mean([(v - mean) ** 2 for v in present]))
+
+
+def paired_differences(reference: Mapping[int, float], other: Mapping[int, float]) -> dict[str, Any] | None:
+    """`reference - other` seed by seed, over the seeds both have (None if fewer than two).
+
+    Runs of the same seed share data, subsample and class order, so the per-seed difference removes
+    what the seed does to every strategy alike; a mean over seeds alone can hide that a lead comes
+    from one or two seeds. The standard error is the sample standard deviation of the differences
+    over sqrt(n).
+
+    Returns:
+        `{"seeds", "differences", "mean", "standard_error", "ahead"}`, where `ahead` counts the seeds
+        on which the reference is strictly better.
+    """
+    seeds = sorted(set(reference) & set(other))
+    if len(seeds) < 2:
+        return None
+    diffs = [float(reference[s]) - float(other[s]) for s in seeds]
+    mean = _mean(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return {
+        "seeds": seeds,
+        "differences": diffs,
+        "mean": mean,
+        "standard_error": math.sqrt(var / len(diffs)),
+        "ahead": sum(d > 0 for d in diffs),
+    }
 
 
 def _format_cell(key: str, value: Any, percent_keys: frozenset[str] | set[str], show_std: bool) -> str:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cmtl.metrics import compare_table, format_matrix, mean_std, summarize
+from cmtl.metrics import compare_table, format_matrix, mean_std, paired_differences, summarize
 
 # R[i][j]: accuracy on task j after training task i.
 R3 = [
@@ -100,6 +100,18 @@ def test_mean_std():
     assert mean_std([0.5]) == (0.5, 0.0)
     mean, std = mean_std([0.2, None, 0.4])
     assert mean == pytest.approx(0.3) and std == pytest.approx(0.1)  # population std
+
+
+def test_paired_differences_by_seed():
+    ref = {0: 0.90, 1: 0.80, 2: 0.85, 5: 0.99}
+    other = {0: 0.88, 1: 0.84, 2: 0.80, 3: 0.70}  # seeds 3 and 5 are not in both: left out
+    got = paired_differences(ref, other)
+    assert got["seeds"] == [0, 1, 2] and got["ahead"] == 2
+    assert got["differences"] == pytest.approx([0.02, -0.04, 0.05])
+    assert got["mean"] == pytest.approx(0.01)
+    # sample std of (0.02, -0.04, 0.05) is sqrt(0.0042 / 2); over sqrt(3)
+    assert got["standard_error"] == pytest.approx((0.0042 / 2) ** 0.5 / 3**0.5)
+    assert paired_differences({0: 0.5}, {0: 0.4}) is None  # one common seed: no spread to report
 
 
 def test_compare_table_text_and_markdown():

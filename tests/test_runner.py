@@ -181,6 +181,29 @@ def test_compare_table_has_every_baseline(tmp_path, capsys, monkeypatch):
     assert all(len(m) == 1 for m in summary["runs"].values())  # one seed each
 
 
+def test_compare_pairs_the_first_strategy_with_each_other_seed_by_seed(tmp_path, capsys):
+    sets = sum((["--set", s] for s in [*TINY, "scenario.n_tasks=2"]), [])
+    assert main(["compare", "--strategies", "emtal,lora", "--seeds", "2", *sets, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "compare.json").read_text())
+    finals = {
+        n: [
+            json.loads((tmp_path / f"{n}_seed{s}" / "results.json").read_text())["final_average_accuracy"]
+            for s in (0, 1)
+        ]
+        for n in ("emtal", "lora")
+    }
+    assert finals["emtal"] != finals["lora"]  # otherwise every difference below would be trivially 0
+    got = summary["paired"]
+    assert got["reference"] == "emtal" and list(got["against"]) == ["lora"]
+    diffs = [a - b for a, b in zip(finals["emtal"], finals["lora"])]
+    assert got["against"]["lora"]["differences"] == pytest.approx(diffs)
+    assert got["against"]["lora"]["ahead"] == sum(d > 0 for d in diffs)
+    md = (tmp_path / "compare.md").read_text()
+    assert "emtal − strategy, final acc (pt, ± s.e.)" in md and "emtal − strategy" in out
+    assert " / ".join(f"{100 * d:+.1f}" for d in diffs) in md
+
+
 def test_compare_in_parallel_and_resumed_gives_the_same_table(tmp_path, capsys):
     import shutil
 
