@@ -106,9 +106,11 @@ def kl_distill(
         return student.sum() * 0.0
     log_p_s = _masked_log_softmax(student.float() / temperature, mask)
     log_p_t = _masked_log_softmax(teacher.detach().float().to(student.device) / temperature, mask)
-    # KL >= 0; rounding puts near-equal distributions slightly below zero, where the true gradient
-    # is ~0 too, so the clamp only removes a negative loss from the logs
-    per_sample = (log_p_t.exp() * mask * (log_p_t - log_p_s)).sum(dim=1).clamp_min(0.0)
+    per_sample = (log_p_t.exp() * mask * (log_p_t - log_p_s)).sum(dim=1)
+    # KL >= 0, but rounding puts near-equal distributions slightly below zero; the value is raised
+    # to 0 for the logs while the gradient stays that of the exact expression (a clamp would zero
+    # it, and change every run's trajectory by a little)
+    per_sample = per_sample + (per_sample.clamp_min(0.0) - per_sample).detach()
     if weight is not None:
         per_sample = per_sample * weight.to(per_sample)
     return per_sample.mean() * temperature**2

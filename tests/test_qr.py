@@ -80,6 +80,18 @@ def test_kl_is_never_negative_for_equal_distributions():
     s = torch.randn(64, 10) * 5
     per_row = torch.stack([kl_distill(s[i : i + 1], s[i : i + 1] + 3.7) for i in range(64)])
     assert per_row.min().item() >= 0.0 and per_row.max().item() < 1e-5
+    # ... and the gradient is still that of the expression, not a clamp's zero: on the rows whose
+    # rounded value was negative it is the (tiny, non-zero) rounding of p_s - p_t
+    negative = [i for i in range(64) if kl_distill(s[i : i + 1], s[i : i + 1] + 3.7).item() == 0.0]
+    z = s[negative].clone().requires_grad_(True)
+    kl_distill(z, s[negative] + 3.7).backward()
+    assert negative and bool((z.grad != 0).any()) and z.grad.abs().max().item() < 1e-6
+    student = s.clone().requires_grad_(True)
+    teacher = s.detach() + 0.5 * torch.randn_like(s)
+    kl_distill(student, teacher).backward()
+    p_s, p_t = (student.detach() / 2).softmax(1), (teacher / 2).softmax(1)
+    # d/dz of T^2 * mean_b KL(p_t || softmax(z/T)) is T * (p_s - p_t) / B
+    assert torch.allclose(student.grad, 2.0 * (p_s - p_t) / s.shape[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["kl", "mse"])
