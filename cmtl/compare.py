@@ -191,7 +191,8 @@ def run_compare(
         "paired": paired,
     }
     write_json(root / "compare.json", summary)
-    header = f"# cmtl compare: {cfg.name}\n\nseeds {seed_list}; mean ± std over seeds.\n\n"
+    split = "validation" if cfg.scenario.validation_per_class else "test"
+    header = f"# cmtl compare: {cfg.name}\n\nseeds {seed_list}; mean ± std over seeds; {split} split.\n\n"
     if paired:
         paired_text, paired_md = _paired_table(paired)
         text += "\n\n" + paired_text

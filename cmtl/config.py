@@ -406,6 +406,9 @@ class ScenarioConfig(_Section):
         class_order_seed: Seed shuffling the class order; None keeps the natural order.
         max_per_class: Training images kept per class; None keeps all.
         max_test_per_class: Test images kept per class; None keeps all.
+        validation_per_class: Hold out this many training images per class and evaluate on them
+            instead of the test split, to choose settings without looking at test data; None
+            evaluates on the test split. Results record which (`evaluated_on`).
         image_size: Input resolution; None takes the model's.
         augment: Random-resized-crop style augmentation while training.
         flip: Random horizontal flips while training; None uses the dataset's own default
@@ -422,6 +425,7 @@ class ScenarioConfig(_Section):
     class_order_seed: int | None = None
     max_per_class: int | None = None
     max_test_per_class: int | None = None
+    validation_per_class: int | None = None
     image_size: int | None = None
     augment: bool = True
     flip: bool | None = None
@@ -431,7 +435,9 @@ class ScenarioConfig(_Section):
         _non_empty(self, "name")
         _no_glued_keys(self, "options")
         _one_of(self, "mode", MODES)
-        _positive(self, "n_tasks", "max_per_class", "max_test_per_class", "image_size")
+        _positive(
+            self, "n_tasks", "max_per_class", "max_test_per_class", "validation_per_class", "image_size"
+        )
         _seed(self, "class_order_seed")
         cpt = self.classes_per_task
         if isinstance(cpt, int) and cpt <= 0:

@@ -98,6 +98,7 @@ def build_stream(cfg: ExperimentConfig, backbone, image_size: int | None = None,
         class_order_seed=sc.class_order_seed,
         max_per_class=sc.max_per_class,
         max_test_per_class=sc.max_test_per_class,
+        validation_per_class=sc.validation_per_class,
         image_size=size,
         mean=tuple(mean) if mean is not None else None,
         std=tuple(std) if std is not None else None,
@@ -549,6 +550,7 @@ def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
         "strategy": cfg.strategy.name,
         "scenario": stream.name,
         "mode": stream.mode,
+        "evaluated_on": stream.evaluation,
         "seed": cfg.seed,
         "device": str(device),
         "task_classes": stream.task_classes,
@@ -587,7 +589,8 @@ def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
         plot_accuracy_matrix(state.matrix, run_dir / "accuracy_matrix.png", title=title)
         plot_accuracy_per_task(state.matrix, run_dir / "accuracy_per_task.png", title=title)
     write_json(run_dir / "results.json", results)  # last: its presence marks a finished run
-    echo("accuracy matrix (%; row: after training task i, column: task j)")
+    on = "" if stream.evaluation == "test" else f", on the {stream.evaluation} split"
+    echo(f"accuracy matrix (%{on}; row: after training task i, column: task j)")
     echo(format_matrix(state.matrix))
     forgetting = summary["forgetting"]
     echo(

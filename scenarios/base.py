@@ -40,6 +40,8 @@ class TaskStream:
         mean: per-channel normalisation mean.
         std: per-channel normalisation std.
         name: a short description of the stream (e.g. "digits").
+        evaluation: what `test_stream` holds: "test" (the test split) or "validation" (training
+            images held out by `validation_per_class`).
     """
 
     benchmark: Any
@@ -49,6 +51,7 @@ class TaskStream:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     name: str
+    evaluation: str = "test"
 
     @property
     def num_tasks(self) -> int:
@@ -77,6 +80,9 @@ class StreamOptions:
         class_order_seed: None keeps the natural class order; an int permutes it with that seed.
         max_per_class: keep at most this many train images per class (seeded subsample).
         max_test_per_class: the same for test images.
+        validation_per_class: hold out this many training images per class (seeded, before
+            `max_per_class` subsamples the rest) and evaluate on them instead of the test split:
+            for choosing settings without looking at test data. None: evaluate on the test split.
         image_size: side of the square output images (None: 32).
         mean: normalisation mean, e.g. from the backbone's timm pretrained config (None: ImageNet's).
         std: normalisation std (None: ImageNet's).
@@ -91,6 +97,7 @@ class StreamOptions:
     class_order_seed: int | None = None
     max_per_class: int | None = None
     max_test_per_class: int | None = None
+    validation_per_class: int | None = None
     image_size: int = 32
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -119,6 +126,7 @@ class StreamOptions:
             raise ValueError(f"class_order_seed must be None or an int, got {self.class_order_seed!r}")
         _check_int("max_per_class", self.max_per_class, allow_none=True)
         _check_int("max_test_per_class", self.max_test_per_class, allow_none=True)
+        _check_int("validation_per_class", self.validation_per_class, allow_none=True)
         _check_int("image_size", self.image_size)
         self.mean = _triple("mean", self.mean)
         self.std = _triple("std", self.std)

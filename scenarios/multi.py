@@ -10,9 +10,10 @@ scenario:
 ```
 
 An entry takes its source's own options (e.g. `path`) and the per-source options
-`class_order_seed`, `max_per_class`, `max_test_per_class`, `flip`; top-level values of those are
-defaults for every entry. Stream options (`mode`, `image_size`, `mean`, `std`, `augment`, `seed`) are
-top-level only. In CIL the labels of task i start after those of tasks 0..i-1.
+`class_order_seed`, `max_per_class`, `max_test_per_class`, `validation_per_class`, `flip`;
+top-level values of those are defaults for every entry. Stream options (`mode`, `image_size`,
+`mean`, `std`, `augment`, `seed`) are top-level only. In CIL the labels of task i start after
+those of tasks 0..i-1.
 """
 
 from __future__ import annotations
@@ -85,5 +86,14 @@ def multi_dataset(datasets: Sequence[dict[str, Any]], **options: Any) -> TaskStr
     for src, (orig, entry_opts) in zip(sources, loaded):
         flip = orig.flip if entry_opts.flip is None else entry_opts.flip
         order = class_order(src.num_classes, entry_opts.class_order_seed)
-        tasks.append(TaskSpec(src, order, flip, entry_opts.max_per_class, entry_opts.max_test_per_class))
+        tasks.append(
+            TaskSpec(
+                src,
+                order,
+                flip,
+                entry_opts.max_per_class,
+                entry_opts.max_test_per_class,
+                entry_opts.validation_per_class,
+            )
+        )
     return build_stream(tasks, opts, "+".join(s.name for s in sources))

@@ -27,7 +27,13 @@ SOURCES = Registry("source")
 DEFAULT_N_TASKS = 5
 # Options that select data inside one source (valid in a `multi_dataset` entry); the others shape
 # the whole stream.
-PER_SOURCE_OPTIONS = ("class_order_seed", "max_per_class", "max_test_per_class", "flip")
+PER_SOURCE_OPTIONS = (
+    "class_order_seed",
+    "max_per_class",
+    "max_test_per_class",
+    "validation_per_class",
+    "flip",
+)
 
 
 @dataclass
@@ -39,6 +45,7 @@ class TaskSpec:
     flip: bool
     max_per_class: int | None = None
     max_test_per_class: int | None = None
+    validation_per_class: int | None = None
 
 
 class _Relabeled(Dataset):
@@ -102,11 +109,35 @@ def subsample_per_class(
     targets: np.ndarray, class_id: int, limit: int | None, seed: int, salt: int
 ) -> np.ndarray:
     """Indices of class `class_id` in `targets`, at most `limit` of them (seeded, sorted)."""
-    idx = np.flatnonzero(targets == class_id)
+    return _subsample(np.flatnonzero(targets == class_id), limit, [seed, class_id, salt])
+
+
+def _subsample(idx: np.ndarray, limit: int | None, key: list[int]) -> np.ndarray:
     if limit is not None and len(idx) > limit:
-        rng = np.random.default_rng([seed, class_id, salt])
-        idx = np.sort(rng.choice(idx, size=limit, replace=False))
+        idx = np.sort(np.random.default_rng(key).choice(idx, size=limit, replace=False))
     return idx
+
+
+def train_validation_indices(
+    targets: np.ndarray, class_id: int, max_train: int | None, n_validation: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation indices of one class, both from the training split and disjoint.
+
+    `n_validation` images of the class are held out first (seeded), then the training images are
+    subsampled from the rest to `max_train`. With `n_validation` None nothing is held out and the
+    training indices are exactly `subsample_per_class(..., salt=0)`, so streams without a
+    validation split do not change.
+    """
+    if n_validation is None:
+        return subsample_per_class(targets, class_id, max_train, seed, salt=0), np.zeros(0, dtype=np.int64)
+    idx = np.flatnonzero(targets == class_id)
+    if len(idx) <= n_validation:
+        raise ValueError(
+            f"validation_per_class={n_validation} leaves no training images of class {class_id} "
+            f"({len(idx)} in the training split); valid: an int below {len(idx)} or null"
+        )
+    held = _subsample(idx, n_validation, [seed, class_id, 2])
+    return _subsample(np.setdiff1d(idx, held), max_train, [seed, class_id, 0]), held
 
 
 def _experience_dataset(
@@ -118,16 +149,24 @@ def _experience_dataset(
     task_label: int,
     transforms: tuple[Callable, Callable],
     seed: int,
+    validation: int | None = None,
 ):
-    targets_all = np.asarray(source.train_targets if split == "train" else source.test_targets)
+    """One experience's data set. `split` "train" or "test"; "validation" takes `validation` held-out
+    training images per class (and "train" then leaves them out)."""
+    from_train = split in ("train", "validation")
+    targets_all = np.asarray(source.train_targets if from_train else source.test_targets)
     indices, targets = [], []
     for local, cid in enumerate(class_ids):
-        idx = subsample_per_class(targets_all, cid, limit, seed, salt=0 if split == "train" else 1)
+        if from_train:
+            train_idx, held = train_validation_indices(targets_all, cid, limit, validation, seed)
+            idx = train_idx if split == "train" else held
+        else:
+            idx = subsample_per_class(targets_all, cid, limit, seed, salt=1)
         if len(idx) == 0:
             raise ValueError(f"class {source.classes[cid]!r} of {source.name!r} has no {split} images")
         indices.append(idx)
         targets.extend([offset + local] * len(idx))
-    base = _Relabeled(source.train if split == "train" else source.test, np.concatenate(indices), targets)
+    base = _Relabeled(source.train if from_train else source.test, np.concatenate(indices), targets)
     from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
 
     train_tf, eval_tf = transforms
@@ -157,26 +196,49 @@ def build_stream(tasks: Sequence[TaskSpec], options: StreamOptions, name: str) -
         task_label = i if options.mode == "til" else 0
         first = 0 if options.mode == "til" else offset
         common = dict(class_ids=spec.class_ids, offset=first, task_label=task_label, transforms=tfs)
+        held = spec.validation_per_class
         train_sets.append(
-            _experience_dataset(spec.source, "train", limit=spec.max_per_class, seed=options.seed, **common)
-        )
-        test_sets.append(
             _experience_dataset(
-                spec.source, "test", limit=spec.max_test_per_class, seed=options.seed, **common
+                spec.source, "train", limit=spec.max_per_class, seed=options.seed, validation=held, **common
             )
         )
+        if held is None:
+            test_sets.append(
+                _experience_dataset(
+                    spec.source, "test", limit=spec.max_test_per_class, seed=options.seed, **common
+                )
+            )
+        else:  # tuning: the evaluation stream is held-out training data; the test split is not read
+            test_sets.append(
+                _experience_dataset(
+                    spec.source,
+                    "validation",
+                    limit=spec.max_per_class,
+                    seed=options.seed,
+                    validation=held,
+                    **common,
+                )
+            )
         task_classes.append([spec.source.classes[c] for c in spec.class_ids])
         offset += len(spec.class_ids)
+    held_out = [spec.validation_per_class is not None for spec in tasks]
+    if any(held_out) and not all(held_out):
+        raise ValueError(
+            "validation_per_class is set for some tasks only; set it for every task or for none "
+            "(the evaluation stream is either validation or test data)"
+        )
     benchmark = with_task_labels(benchmark_from_datasets(train=train_sets, test=test_sets))
     add_classes_timeline(benchmark)
+    evaluation = "validation" if all(held_out) else "test"
     logger.info(
-        "stream %s (%s): %d tasks, classes per task %s, %d train / %d test images",
+        "stream %s (%s): %d tasks, classes per task %s, %d train / %d %s images",
         name,
         options.mode,
         len(tasks),
         [len(c) for c in task_classes],
         sum(len(d) for d in train_sets),
         sum(len(d) for d in test_sets),
+        evaluation,
     )
     return TaskStream(
         benchmark=benchmark,
@@ -186,6 +248,7 @@ def build_stream(tasks: Sequence[TaskSpec], options: StreamOptions, name: str) -
         mean=options.mean,
         std=options.std,
         name=name,
+        evaluation=evaluation,
     )
 
 
@@ -216,7 +279,16 @@ def split_source(source: ImageSource, options: StreamOptions) -> TaskStream:
     tasks, start = [], 0
     for size in sizes:
         ids = order[start : start + size]
-        tasks.append(TaskSpec(source, ids, flip, options.max_per_class, options.max_test_per_class))
+        tasks.append(
+            TaskSpec(
+                source,
+                ids,
+                flip,
+                options.max_per_class,
+                options.max_test_per_class,
+                options.validation_per_class,
+            )
+        )
         start += size
     return build_stream(tasks, options, source.name)
 

@@ -59,11 +59,19 @@ def test_run_writes_every_file_and_consistent_results(til_run):
     assert len(res["trainable_parameters_per_task"]) == 3
     assert 0 < res["buffer_samples"] <= 24 and res["buffer_bytes"] > 0
     assert set(res["versions"]) >= {"cmtl", "torch", "timm", "avalanche"}
-    assert "accuracy matrix" in printed and "after 2" in printed
+    assert "accuracy matrix (%;" in printed and "after 2" in printed
+    assert res["evaluated_on"] == "test"
     csv_lines = (run_dir / "metrics.csv").read_text().splitlines()
     assert csv_lines[0] == "after_task,task,accuracy" and len(csv_lines) == 1 + 6
     # the resolved config reloads to the same experiment
     assert load_config(run_dir / "config.yaml") == _tiny()
+
+
+def test_validation_split_run_is_marked_as_such(tmp_path):
+    res, run_dir, printed = _run(tmp_path, "scenario.n_tasks=2", "scenario.validation_per_class=5")
+    assert res["evaluated_on"] == "validation" and "on the validation split" in printed
+    assert json.loads((run_dir / "results.json").read_text())["evaluated_on"] == "validation"
+    assert load_config(run_dir / "config.yaml").scenario.validation_per_class == 5
 
 
 def test_snapshot_reproduces_runner_accuracy(til_run):

@@ -237,6 +237,61 @@ def test_npz_shapes(tmp_path, channels):
     assert x.shape == (12, 3, SIZE, SIZE) and set(y.tolist()) == {0, 1} and set(t.tolist()) == {1}
 
 
+def _image_bytes(stream_split) -> list[bytes]:
+    return [
+        bytes(img.numpy().tobytes()) for exp in stream_split for img in _batch(exp.dataset.eval(), 1000)[0]
+    ]
+
+
+def test_validation_split_holds_out_training_images_and_never_reads_test(tmp_path):
+    path = _write_npz(tmp_path / "toy.npz", per_class=10)
+    kw = dict(path=str(path), n_tasks=2, image_size=SIZE, flip=False, augment=False)
+    full = create_scenario("npz", **kw)  # every train and test image, as the model sees them
+    train_all, test_all = (
+        set(_image_bytes(full.benchmark.train_stream)),
+        set(_image_bytes(full.benchmark.test_stream)),
+    )
+    s = create_scenario("npz", validation_per_class=3, max_per_class=5, **kw)
+    assert full.evaluation == "test" and s.evaluation == "validation"
+    for tr, va in zip(s.benchmark.train_stream, s.benchmark.test_stream):
+        assert np.bincount(_all_targets(tr)).tolist() == [5, 5] and np.bincount(
+            _all_targets(va)
+        ).tolist() == [3, 3]
+    train, held = _image_bytes(s.benchmark.train_stream), _image_bytes(s.benchmark.test_stream)
+    assert set(held) <= train_all and not set(held) & test_all  # from the training split only
+    assert not set(held) & set(train)  # and never trained on
+    again = create_scenario("npz", validation_per_class=3, max_per_class=5, **kw)
+    assert _image_bytes(again.benchmark.test_stream) == held  # seeded
+    other = create_scenario("npz", validation_per_class=3, max_per_class=5, seed=1, **kw)
+    assert _image_bytes(other.benchmark.test_stream) != held
+
+
+def test_validation_indices_leave_streams_without_it_unchanged():
+    from cmtl.scenarios.stream import subsample_per_class, train_validation_indices
+
+    targets = np.repeat(np.arange(3), 20)
+    train, held = train_validation_indices(targets, 1, 8, None, seed=4)
+    assert held.size == 0 and np.array_equal(train, subsample_per_class(targets, 1, 8, 4, salt=0))
+    train, held = train_validation_indices(targets, 1, None, 6, seed=4)
+    assert len(held) == 6 and len(train) == 14 and set(train) | set(held) == set(range(20, 40))
+    with pytest.raises(ValueError, match="validation_per_class=20 leaves no training images of class 1"):
+        train_validation_indices(targets, 1, None, 20, seed=4)
+    with pytest.raises(ValueError, match="validation_per_class must be None or a positive int, got 0"):
+        create_scenario("digits", validation_per_class=0)
+
+
+def test_validation_split_must_cover_every_task_of_a_multi_dataset_stream(tmp_path):
+    a, b = _write_npz(tmp_path / "a.npz", per_class=8), _write_npz(tmp_path / "b.npz", per_class=8)
+    entries = [{"name": "npz", "path": str(a), "validation_per_class": 2}, {"name": "npz", "path": str(b)}]
+    with pytest.raises(ValueError, match="validation_per_class is set for some tasks only"):
+        create_scenario("multi_dataset", datasets=entries, image_size=SIZE)
+    s = create_scenario(
+        "multi_dataset", datasets=[entries[1], entries[0]], image_size=SIZE, validation_per_class=3
+    )
+    assert s.evaluation == "validation"
+    assert [len(e.dataset) for e in s.benchmark.test_stream] == [4 * 3, 4 * 2]  # an entry's own value wins
+
+
 def test_npz_without_classes_names_labels(tmp_path):
     path = _write_npz(tmp_path / "plain.npz", classes=False)
     s = create_scenario("npz", path=str(path), classes_per_task=2, flip=False)

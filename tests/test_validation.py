@@ -72,6 +72,8 @@ BAD = [
         "/nonexistent/d.npz",
     ),
     (["--set", "device=cuda:0"], "CUDA is not available"),
+    (["--set", "scenario.validation_per_class=0"], "'scenario.validation_per_class' must be > 0"),
+    (["--set", "scenario.validation_per_class=500"], "validation_per_class=500 leaves no training images"),
     (["--set", "name=../escape"], "a single directory name"),
 ]
 
