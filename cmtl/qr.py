@@ -387,6 +387,34 @@ class QRBuffer:
         """Memory of the replay buffer's tensors in bytes (bank and pool excluded)."""
         return sum(t.element_size() * t.numel() for t in self._buffer.values())
 
+    def record_quality(self) -> dict[str, Any] | None:
+        """How good the stored logits are, judged on each sample's own columns; None while empty.
+
+        `{"records": n, "wrong": share whose stored logits do not classify their own sample (a tie
+        counts as wrong), "true_class_probability": mean softmax probability of the true class,
+        "per_task": {task: the same three}}`. Distilling a wrong record teaches the model to stay
+        wrong on that sample; a high share is what `distill_weight` and `refresh` are for.
+        """
+        if not self._buffer:
+            return None
+        b = self._buffer
+        y = b["y"].long()
+        valid = torch.arange(b["logits"].shape[1])[None, :] < b["num_valid"][:, None]
+        own = b["logits"].float().masked_fill(~valid, float("-inf"))
+        wrong = (logit_quality(own, y) == INCORRECT_QUALITY).float()
+        prob = own.softmax(dim=1).gather(1, y[:, None]).squeeze(1)
+
+        def summary(sel: torch.Tensor) -> dict[str, Any]:
+            return {
+                "records": int(sel.sum()),
+                "wrong": float(wrong[sel].mean()),
+                "true_class_probability": float(prob[sel].mean()),
+            }
+
+        out = summary(torch.ones_like(y, dtype=torch.bool))
+        out["per_task"] = {str(int(t)): summary(b["task"] == t) for t in torch.unique(b["task"]).tolist()}
+        return out
+
     def running_ce(self, task: int) -> float | None:
         """Running cross-entropy of `task`, or None before its first update."""
         return self._running_ce.get(task)

@@ -5,7 +5,8 @@
 and writes the run directory:
 
     config.yaml          the resolved configuration
-    results.json         accuracy matrix R[i][j], its summaries, wall time, parameters, buffer, versions
+    results.json         accuracy matrix R[i][j], its summaries, wall time, parameters, buffer (and the
+                         quality of its stored logits), versions
     metrics.csv          one line per (after_task, task) accuracy
     accuracy_matrix.png  heatmap of R; accuracy_per_task.png: each task's accuracy over the stream
     snapshot/            the consolidated model (timm local-dir format + heads + meta), see cmtl.snapshot
@@ -154,6 +155,16 @@ def _buffer_stats(strategy) -> tuple[int, int]:
             per_sample = x.element_size() * x.numel() + 16  # image + label and task label (int64)
             return len(buffer), len(buffer) * per_sample
     return 0, 0
+
+
+def _qr_records(strategy) -> dict[str, Any] | None:
+    """`QRBuffer.record_quality()` of the strategy's QR buffer (EMTAL, DER), None without one."""
+    from cmtl.strategies import find_emtal_plugin
+
+    plugin = find_emtal_plugin(strategy)
+    if plugin is None or plugin.controller is None or plugin.controller.qr is None:
+        return None
+    return plugin.controller.qr.record_quality()
 
 
 def _evaluator(csv_dir: Path, cfg: ExperimentConfig, write: bool = True):
@@ -563,6 +574,7 @@ def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
         "backbone_parameters": sum(p.numel() for p in model.backbone.parameters()),
         "buffer_samples": buffer_samples,
         "buffer_bytes": buffer_bytes,
+        "qr_records": _qr_records(strategy),
         "versions": versions(),
         "world_size": len(checksums),
     }
@@ -599,6 +611,12 @@ def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
         + ("n/a" if forgetting is None else f"{100 * forgetting:.2f} pt")
         + f", {results['wall_time_total']:.0f}s; results in {run_dir}"
     )
+    records = results["qr_records"]
+    if records is not None:
+        echo(
+            f"QR buffer: {records['records']} records, {100 * records['wrong']:.1f}% of them wrong on "
+            f"their own sample, mean true-class probability {records['true_class_probability']:.2f}"
+        )
     return results
 
 

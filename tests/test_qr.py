@@ -695,3 +695,36 @@ def test_distill_weight_counts_each_sample_by_its_stored_record(mode):
         ValueError, match="distill_weight 'best' is unknown; valid: uniform, correct, confidence"
     ):
         QRConfig(distill_weight="best")
+
+
+def test_record_quality_counts_wrong_records_on_each_sample_s_own_columns():
+    qr = QRBuffer(QRConfig(budget=8, selection="reservoir"))
+    assert qr.record_quality() is None
+    _run_task(qr, 0, n_classes=2, per_class=4)  # 2 valid columns
+    _run_task(qr, 1, n_classes=3, per_class=4, cil_offset=2)  # 5 valid columns
+    b = qr.buffer
+    # every stored record is right: true logit = margin, the other valid columns 0
+    q, nv = b["quality"], b["num_valid"].float()
+    expected_prob = torch.exp(q) / (torch.exp(q) + nv - 1)
+    rec = qr.record_quality()
+    assert rec["records"] == len(qr) == 8 and rec["wrong"] == 0.0
+    assert rec["true_class_probability"] == pytest.approx(float(expected_prob.mean()), rel=1e-5)
+    assert {t: r["records"] for t, r in rec["per_task"].items()} == {
+        str(t): int((b["task"] == t).sum()) for t in (0, 1)
+    }
+    # make one task-0 record wrong, and give it a large logit on a column it does not own
+    state = qr.state_dict()
+    logits = state["tensors"]["buffer.logits"]
+    i = int((b["task"] == 0).nonzero()[0])
+    y = int(b["y"][i])
+    logits[i, :2] = 0.0
+    logits[i, 1 - y] = 3.0
+    logits[i, 4] = 100.0  # a later task's column: ignored
+    qr.load_state_dict(state)
+    rec = qr.record_quality()
+    n0 = rec["per_task"]["0"]["records"]
+    assert rec["wrong"] == pytest.approx(1 / 8) and rec["per_task"]["0"]["wrong"] == pytest.approx(1 / n0)
+    assert rec["per_task"]["1"]["wrong"] == 0.0
+    new_prob = expected_prob.clone()
+    new_prob[i] = 1 / (1 + math.exp(3.0))
+    assert rec["true_class_probability"] == pytest.approx(float(new_prob.mean()), rel=1e-5)

@@ -58,6 +58,11 @@ def test_run_writes_every_file_and_consistent_results(til_run):
     assert len(res["wall_time_per_task"]) == 3 and all(t > 0 for t in res["wall_time_per_task"])
     assert len(res["trainable_parameters_per_task"]) == 3
     assert 0 < res["buffer_samples"] <= 24 and res["buffer_bytes"] > 0
+    records = res["qr_records"]
+    assert records["records"] == res["buffer_samples"] and 0.0 <= records["wrong"] <= 1.0
+    assert 0.0 < records["true_class_probability"] <= 1.0
+    assert sum(r["records"] for r in records["per_task"].values()) == records["records"]
+    assert f"QR buffer: {records['records']} records" in printed
     assert set(res["versions"]) >= {"cmtl", "torch", "timm", "avalanche"}
     assert "accuracy matrix (%;" in printed and "after 2" in printed
     assert res["evaluated_on"] == "test"
@@ -222,6 +227,7 @@ def test_compare_in_parallel_and_resumed_gives_the_same_table(tmp_path, capsys):
     one = json.loads((tmp_path / "one" / "compare.json").read_text())
     two = json.loads((tmp_path / "two" / "compare.json").read_text())
     assert one["runs"] == two["runs"] and one["rows"][0]["final_average_accuracy"][0] > 0
+    assert json.loads((tmp_path / "one" / "naive_seed0" / "results.json").read_text())["qr_records"] is None
     capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "two")]) == 2  # a finished comparison is kept
     assert "--resume" in capsys.readouterr().err
