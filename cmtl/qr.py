@@ -301,6 +301,16 @@ def logit_quality(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.where(margin > 0, margin, torch.full_like(margin, INCORRECT_QUALITY))
 
 
+def _valid_columns(width: int, num_valid: torch.Tensor) -> torch.Tensor:
+    """`(B, width)` bool mask, True on each sample's own columns (its first `num_valid`)."""
+    return torch.arange(width, device=num_valid.device)[None, :] < num_valid[:, None]
+
+
+def _true_class_probability(own_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Softmax probability of each sample's true class; other samples' columns are -inf."""
+    return own_logits.float().softmax(dim=1).gather(1, targets[:, None]).squeeze(1)
+
+
 def _pad_columns(t: torch.Tensor, width: int) -> torch.Tensor:
     return t if t.shape[1] >= width else F.pad(t, (0, width - t.shape[1]))
 
@@ -399,10 +409,10 @@ class QRBuffer:
             return None
         b = self._buffer
         y = b["y"].long()
-        valid = torch.arange(b["logits"].shape[1])[None, :] < b["num_valid"][:, None]
+        valid = _valid_columns(b["logits"].shape[1], b["num_valid"])
         own = b["logits"].float().masked_fill(~valid, float("-inf"))
         wrong = (logit_quality(own, y) == INCORRECT_QUALITY).float()
-        prob = own.softmax(dim=1).gather(1, y[:, None]).squeeze(1)
+        prob = _true_class_probability(own, y)
 
         def summary(sel: torch.Tensor) -> dict[str, Any]:
             return {
@@ -634,7 +644,7 @@ class QRBuffer:
         if not idx.numel():
             return 0
         b = self._buffer
-        valid = torch.arange(width)[None, :] < b["num_valid"][idx][:, None]
+        valid = _valid_columns(width, b["num_valid"][idx])
         logits = logits.detach()[:, :width].float().cpu()
         quality = logit_quality(logits.masked_fill(~valid, float("-inf")), b["y"][idx])
         better = quality > b["quality"][idx]
@@ -763,7 +773,7 @@ class QRBuffer:
             y=b["y"][idx],
             task=b["task"][idx],
             logits=b["logits"][idx, :width],
-            mask=torch.arange(width)[None, :] < nv[:, None],
+            mask=_valid_columns(width, nv),
             num_valid=nv,
             index=idx,
         )
@@ -817,7 +827,7 @@ class QRBuffer:
         own = teacher.float().masked_fill(~mask, float("-inf"))
         if self.config.distill_weight == "correct":
             return (logit_quality(own, y) > INCORRECT_QUALITY).float()
-        return own.softmax(dim=1).gather(1, y[:, None]).squeeze(1)
+        return _true_class_probability(own, y)
 
     # ------------------------------------------------------------------------------------- checkpoints
 

@@ -136,15 +136,20 @@ class RunState:
     open_after: list[int] = field(default_factory=list)  # adapters still open after each task
 
 
+def _qr_buffer(strategy):
+    """The strategy's `QRBuffer` (EMTAL, DER), or None."""
+    from cmtl.strategies import find_emtal_plugin
+
+    plugin = find_emtal_plugin(strategy)
+    return None if plugin is None or plugin.controller is None else plugin.controller.qr
+
+
 def _buffer_stats(strategy) -> tuple[int, int]:
     """(samples, bytes) held by the strategy's replay memory, whichever kind it has."""
     from avalanche.training.plugins import ReplayPlugin
 
-    from cmtl.strategies import find_emtal_plugin
-
-    plugin = find_emtal_plugin(strategy)
-    if plugin is not None and plugin.controller is not None and plugin.controller.qr is not None:
-        qr = plugin.controller.qr
+    qr = _qr_buffer(strategy)
+    if qr is not None:
         return len(qr), qr.nbytes()
     for p in strategy.plugins:
         if isinstance(p, ReplayPlugin):
@@ -155,16 +160,6 @@ def _buffer_stats(strategy) -> tuple[int, int]:
             per_sample = x.element_size() * x.numel() + 16  # image + label and task label (int64)
             return len(buffer), len(buffer) * per_sample
     return 0, 0
-
-
-def _qr_records(strategy) -> dict[str, Any] | None:
-    """`QRBuffer.record_quality()` of the strategy's QR buffer (EMTAL, DER), None without one."""
-    from cmtl.strategies import find_emtal_plugin
-
-    plugin = find_emtal_plugin(strategy)
-    if plugin is None or plugin.controller is None or plugin.controller.qr is None:
-        return None
-    return plugin.controller.qr.record_quality()
 
 
 def _evaluator(csv_dir: Path, cfg: ExperimentConfig, write: bool = True):
@@ -554,6 +549,7 @@ def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
 
     summary = summarize(state.matrix)
     buffer_samples, buffer_bytes = _buffer_stats(strategy)
+    qr = _qr_buffer(strategy)
     checksums = D.gather_strings(D.state_checksum(model.state_dict()))
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,
@@ -574,7 +570,7 @@ def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
         "backbone_parameters": sum(p.numel() for p in model.backbone.parameters()),
         "buffer_samples": buffer_samples,
         "buffer_bytes": buffer_bytes,
-        "qr_records": _qr_records(strategy),
+        "qr_records": None if qr is None else qr.record_quality(),
         "versions": versions(),
         "world_size": len(checksums),
     }
