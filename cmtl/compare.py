@@ -191,7 +191,8 @@ def run_compare(
         "paired": paired,
     }
     write_json(root / "compare.json", summary)
-    split = "validation" if cfg.scenario.validation_per_class else "test"
+    # what the runs were evaluated on (a multi_dataset entry may set its own validation split)
+    split = "/".join(sorted({r.get("evaluated_on", "test") for rs in runs.values() for r in rs}))
     header = f"# cmtl compare: {cfg.name}\n\nseeds {seed_list}; mean ± std over seeds; {split} split.\n\n"
     if paired:
         paired_text, paired_md = _paired_table(paired)

@@ -189,6 +189,13 @@ def build_stream(tasks: Sequence[TaskSpec], options: StreamOptions, name: str) -
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
     from avalanche.benchmarks.scenarios.task_aware import with_task_labels
 
+    held_out = [spec.validation_per_class is not None for spec in tasks]
+    if any(held_out) and not all(held_out):
+        raise ValueError(
+            "validation_per_class is set for some tasks only; set it for every task or for none "
+            "(the evaluation stream is either validation or test data)"
+        )
+    evaluation = "validation" if all(held_out) else "test"
     train_sets, test_sets, task_classes = [], [], []
     offset = 0
     for i, spec in enumerate(tasks):
@@ -202,34 +209,17 @@ def build_stream(tasks: Sequence[TaskSpec], options: StreamOptions, name: str) -
                 spec.source, "train", limit=spec.max_per_class, seed=options.seed, validation=held, **common
             )
         )
-        if held is None:
-            test_sets.append(
-                _experience_dataset(
-                    spec.source, "test", limit=spec.max_test_per_class, seed=options.seed, **common
-                )
-            )
-        else:  # tuning: the evaluation stream is held-out training data; the test split is not read
-            test_sets.append(
-                _experience_dataset(
-                    spec.source,
-                    "validation",
-                    limit=spec.max_per_class,
-                    seed=options.seed,
-                    validation=held,
-                    **common,
-                )
-            )
+        # tuning: the evaluation stream is held-out training data, and the test split is not read
+        split, limit = (
+            ("test", spec.max_test_per_class) if held is None else ("validation", spec.max_per_class)
+        )
+        test_sets.append(
+            _experience_dataset(spec.source, split, limit=limit, seed=options.seed, validation=held, **common)
+        )
         task_classes.append([spec.source.classes[c] for c in spec.class_ids])
         offset += len(spec.class_ids)
-    held_out = [spec.validation_per_class is not None for spec in tasks]
-    if any(held_out) and not all(held_out):
-        raise ValueError(
-            "validation_per_class is set for some tasks only; set it for every task or for none "
-            "(the evaluation stream is either validation or test data)"
-        )
     benchmark = with_task_labels(benchmark_from_datasets(train=train_sets, test=test_sets))
     add_classes_timeline(benchmark)
-    evaluation = "validation" if all(held_out) else "test"
     logger.info(
         "stream %s (%s): %d tasks, classes per task %s, %d train / %d %s images",
         name,

@@ -213,6 +213,7 @@ def test_compare_pairs_the_first_strategy_with_each_other_seed_by_seed(tmp_path,
     assert got["against"]["lora"]["differences"] == pytest.approx(diffs)
     assert got["against"]["lora"]["ahead"] == sum(d > 0 for d in diffs)
     md = (tmp_path / "compare.md").read_text()
+    assert "mean ± std over seeds; test split." in md
     assert "emtal − strategy, final acc (pt, ± s.e.)" in md and "emtal − strategy" in out
     assert " / ".join(f"{100 * d:+.1f}" for d in diffs) in md
 
