@@ -498,8 +498,9 @@ class StrategyConfig(_Section):
             probability of the true class).
         weight_aligning: Class-incremental: after every task rescale the newest classes' head rows to
             the mean norm of the older ones (WA, Zhao et al. 2020), for every strategy but joint.
-        head_init: "random" or "prototype": each new task's head starts as the nearest-class-mean
-            classifier of its training images' features, for every strategy but joint.
+        head_init: "random", "prototype" (each new task's head starts as the nearest-class-mean
+            classifier of its training images' features) or "probe" (as a logistic regression
+            fitted to them: linear probing, then fine-tuning), for every strategy but joint.
         lwf_alpha: LwF distillation weight.
         lwf_temperature: LwF temperature.
         ewc_lambda: EWC penalty weight.

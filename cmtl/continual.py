@@ -62,8 +62,9 @@ class EMTALConfig:
         qr: QR buffer settings; None disables QR (the `emtal_no_qr` ablation).
         align_heads: class-incremental only: after every task, rescale the newest classes' head
             rows to the mean norm of the older ones (weight aligning; see `TaskHeads.align_newest`).
-        head_init: "random" (small random weights) or "prototype": a new task's head starts as the
-            nearest-class-mean classifier of its training images' features (`init_head`).
+        head_init: "random" (small random weights), "prototype" (a new task's head starts as the
+            nearest-class-mean classifier of its training images' features) or "probe" (as a
+            logistic regression fitted to them); see `init_head`.
     """
 
     fading_start: float = 0.0
@@ -119,12 +120,15 @@ class EMTALController:
 
     @torch.no_grad()
     def init_head(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-        """Start the new task's head from its classes' mean features (`TaskHeads.init_newest_from_means`).
+        """Start the new task's head from its training images' features, as `config.head_init` says.
 
-        `batches` yields (images, labels) of the task's training data, un-augmented; labels are the
-        task's own (0..n-1, task-incremental) or the newest head's classes (class-incremental). The
-        features are those of the model as the task starts (its new adapter is still the identity).
-        Returns False if fewer than two classes had samples (the head keeps its random start).
+        "prototype": the nearest-class-mean classifier of its classes (`TaskHeads.init_newest_from_means`);
+        "probe": that, then fitted to a converged logistic regression on the same features
+        (`TaskHeads.fit_newest`). `batches` yields (images, labels) of the task's training data,
+        un-augmented; labels are the task's own (0..n-1, task-incremental) or the newest head's
+        classes (class-incremental). The features are those of the model as the task starts (its new
+        adapter is still the identity). Returns False if fewer than two classes had samples (the head
+        keeps its random start).
         """
         heads = self.model.heads
         widths = heads.classes_per_task
@@ -132,6 +136,7 @@ class EMTALController:
         device = self._device()
         sums = torch.zeros(n, heads.in_features, device=device)
         counts = torch.zeros(n, device=device)
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         with _evaluating(self.model):
             for x, y in batches:
                 local = torch.as_tensor(y, device=device).long() - first
@@ -139,13 +144,20 @@ class EMTALController:
                     bad = int(local[(local < 0) | (local >= n)][0]) + first
                     raise ValueError(
                         f"label {bad} is not one of the new task's classes ({first}..{first + n - 1}); "
-                        "head_init='prototype' needs each task's classes numbered after the previous ones"
+                        f"head_init={self.config.head_init!r} needs each task's classes numbered after "
+                        "the previous ones"
                     )
                 feats = self.model.forward_features(x.to(device)).float()
                 sums.index_add_(0, local, feats)
                 counts.index_add_(0, local, torch.ones_like(local, dtype=counts.dtype))
+                if self.config.head_init == "probe":
+                    kept.append((feats, local))
         means = sums / counts.clamp(min=1).unsqueeze(1)
-        return heads.init_newest_from_means(means, counts > 0)
+        if not heads.init_newest_from_means(means, counts > 0):
+            return False
+        if kept:
+            return heads.fit_newest(torch.cat([f for f, _ in kept]), torch.cat([y for _, y in kept]))
+        return True
 
     def pool_indices(self, targets: torch.Tensor, num_classes: int, seed: int = 0) -> torch.Tensor:
         """Which training samples (by index) form the candidate pool of a task."""

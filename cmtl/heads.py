@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 MODES = ("til", "cil")
-HEAD_INITS = ("random", "prototype")  # see TaskHeads.init_newest_from_means
+HEAD_INITS = ("random", "prototype", "probe")  # see init_newest_from_means, fit_newest
 # fills logit columns a task's head does not have when a batch mixes tasks of different widths
 PAD_LOGIT = -1e4
 
@@ -110,6 +110,52 @@ class TaskHeads(nn.Module):
         tau = 2.0 * margin / mean_sq
         head.weight[present] = tau * centred
         head.bias[present] = -tau * (centred @ m + centred.pow(2).sum(dim=1) / 2)
+        return True
+
+    def fit_newest(self, features: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> bool:
+        """Fit the newest head by logistic regression on fixed features (a linear probe).
+
+        `features` (N x in_features) and `labels` (N, the newest head's own rows 0..n-1) are the
+        task's training images as the task starts. The rows of the classes present are fitted by
+        L-BFGS from where they are (the prototype start, say) to the minimum of the mean
+        cross-entropy plus `|W|^2 / (2N)` (scikit-learn's `LogisticRegression(C=1)`; the bias is not
+        penalised), so training starts from a converged probe (LP-FT, Kumar et al. 2022) rather than
+        from a head that a few steps leave half-trained. Rows of absent classes are left as they are.
+        Returns False (nothing changed) when fewer than two classes are present.
+        """
+        head = self.heads[-1]
+        labels = labels.long()
+        if features.shape[0] != labels.shape[0] or features.shape[1:] != (head.in_features,):
+            raise ValueError(
+                f"features {tuple(features.shape)} / labels {tuple(labels.shape)} do not fit the newest "
+                f"head ({head.out_features} x {head.in_features})"
+            )
+        present = torch.unique(labels)
+        if len(present) < 2:
+            return False
+        if int(present.min()) < 0 or int(present.max()) >= head.out_features:
+            raise ValueError(f"labels must be the newest head's rows 0..{head.out_features - 1}")
+        x = features.detach().to(head.weight)
+        target = torch.searchsorted(present, labels.to(present.device)).to(x.device)
+        rows = present.to(x.device)
+        weight = head.weight.detach()[rows].clone().requires_grad_(True)
+        bias = head.bias.detach()[rows].clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(x @ weight.T + bias, target)
+            loss = loss + weight.pow(2).sum() / (2 * x.shape[0])
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):
+            return False
+        with torch.no_grad():
+            head.weight[rows] = weight.detach()
+            head.bias[rows] = bias.detach()
         return True
 
     @torch.no_grad()

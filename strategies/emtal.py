@@ -92,7 +92,7 @@ class EMTALPlugin(SupervisedPlugin):
             if len(idx):
                 pool_x, pool_y = _stack(data, idx.tolist())
         ctl.start_task(num_classes, pool_x, pool_y)
-        if self.config.head_init == "prototype":
+        if self.config.head_init != "random":
             data, size = exp.dataset.eval(), self.pool_batch_size
             ctl.init_head(_stack(data, range(i, min(i + size, len(data)))) for i in range(0, len(data), size))
 

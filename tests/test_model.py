@@ -368,3 +368,56 @@ def test_prototype_head_touches_only_the_newest_rows_with_samples():
     assert torch.equal(heads.heads[1].weight, w)
     with pytest.raises(ValueError, match="do not fit the newest head"):
         heads.init_newest_from_means(torch.randn(2, 8), torch.ones(2, dtype=torch.bool))
+
+
+def _sheared_two_classes(n: int = 200, seed: int = 0):
+    """Two classes that differ only along x2 - x1, under noise along (1, 1): class means are close
+    in Euclidean distance, so a nearest-mean head is near chance, while a linear probe separates them."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    u = torch.randn(n, generator=g) * 3.0
+    x = torch.stack([u, u + 0.5 * (2 * y - 1)], dim=1)
+    return x, y
+
+
+def test_probe_head_is_a_converged_logistic_regression():
+    from cmtl.heads import TaskHeads
+
+    x, y = _sheared_two_classes()
+    heads = TaskHeads(2, mode="til")
+    heads.add_task(2)
+    means = torch.stack([x[y == c].mean(0) for c in range(2)])
+    assert heads.init_newest_from_means(means, torch.ones(2, dtype=torch.bool))
+    prototype_acc = float((heads(x, 0).argmax(1) == y).float().mean())
+    assert heads.fit_newest(x, y)
+    probe_acc = float((heads(x, 0).argmax(1) == y).float().mean())
+    assert prototype_acc < 0.75 and probe_acc >= 0.97
+    # the minimum of mean cross-entropy + |W|^2 / (2N): its gradient vanishes there
+    w = heads.heads[0].weight.detach().clone().requires_grad_(True)
+    b = heads.heads[0].bias.detach().clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(x @ w.T + b, y) + w.pow(2).sum() / (2 * len(x))
+    gw, gb = torch.autograd.grad(loss, [w, b])
+    assert float(gw.abs().max()) < 1e-4 and float(gb.abs().max()) < 1e-4
+
+
+def test_probe_head_fits_only_the_newest_rows_of_the_classes_present():
+    from cmtl.heads import TaskHeads
+
+    torch.manual_seed(0)
+    x, y = _sheared_two_classes()
+    heads = TaskHeads(2, mode="cil")
+    heads.add_task(2)
+    old = [p.clone() for p in heads.heads[0].parameters()]
+    heads.add_task(3)
+    absent = heads.heads[1].weight[2].clone()
+    assert heads.fit_newest(x, y)  # labels 0, 1 of the newest head's three rows
+    assert all(torch.equal(p, q) for p, q in zip(heads.heads[0].parameters(), old))
+    assert torch.equal(heads.heads[1].weight[2], absent)
+    assert float((heads(x)[:, 2:4].argmax(1) == y).float().mean()) >= 0.97
+    w = heads.heads[1].weight.clone()
+    assert not heads.fit_newest(x[y == 0], y[y == 0])  # one class: nothing to separate
+    assert torch.equal(heads.heads[1].weight, w)
+    with pytest.raises(ValueError, match="the newest head's rows 0..2"):
+        heads.fit_newest(x, y + 2)
+    with pytest.raises(ValueError, match="do not fit the newest head"):
+        heads.fit_newest(x[:, :1], y)

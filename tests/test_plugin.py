@@ -127,8 +127,9 @@ def _two_blob_images(n: int, label_offset: int = 0):
     return x, y + label_offset
 
 
+@pytest.mark.parametrize("head_init", ["prototype", "probe"])
 @pytest.mark.parametrize("mode", ["til", "cil"])
-def test_prototype_head_init_classifies_the_new_task_before_any_step(mode):
+def test_head_init_classifies_the_new_task_before_any_step(mode, head_init):
     from timm.models.vision_transformer import VisionTransformer
 
     from cmtl.continual import EMTALController
@@ -136,7 +137,7 @@ def test_prototype_head_init_classifies_the_new_task_before_any_step(mode):
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=0)
     model = CMTLModel(vit, AdapterConfig(num_experts=4, rank=2), mode=mode)
-    ctl = EMTALController(model, EMTALConfig(qr=None, head_init="prototype"))
+    ctl = EMTALController(model, EMTALConfig(qr=None, head_init=head_init))
     ctl.start_task(2)
     offset = 2 if mode == "cil" else 0
     ctl.start_task(2)  # the second task: CIL labels 2, 3 go to the newest head's rows

@@ -57,7 +57,7 @@ def _assert_same_run(a_dir, b_dir):
         ["strategy.name=ewc"],
         ["strategy.name=lwf"],
         ["strategy.name=der", "scenario.mode=cil"],
-        ["strategy.head_init=prototype", "scenario.mode=cil"],
+        ["strategy.head_init=probe", "scenario.mode=cil"],  # probe starts from the prototype head
         ["strategy.buffer_storage=uint8"],
     ],
     ids=lambda e: "-".join(x.split("=")[1] for x in e),
