@@ -121,10 +121,11 @@ class TaskHeads(nn.Module):
         cross-entropy plus `|W|^2 / (2N)` (scikit-learn's `LogisticRegression(C=1)`; the bias is not
         penalised), so training starts from a converged probe (LP-FT, Kumar et al. 2022) rather than
         from a head that a few steps leave half-trained. Rows of absent classes are left as they are.
-        Returns False (nothing changed) when fewer than two classes are present.
+        Returns False (nothing changed) when fewer than two classes are present or the fit does not
+        stay finite.
         """
         head = self.heads[-1]
-        labels = labels.long()
+        labels = labels.long().to(head.weight.device)
         if features.shape[0] != labels.shape[0] or features.shape[1:] != (head.in_features,):
             raise ValueError(
                 f"features {tuple(features.shape)} / labels {tuple(labels.shape)} do not fit the newest "
@@ -136,10 +137,9 @@ class TaskHeads(nn.Module):
         if int(present.min()) < 0 or int(present.max()) >= head.out_features:
             raise ValueError(f"labels must be the newest head's rows 0..{head.out_features - 1}")
         x = features.detach().to(head.weight)
-        target = torch.searchsorted(present, labels.to(present.device)).to(x.device)
-        rows = present.to(x.device)
-        weight = head.weight.detach()[rows].clone().requires_grad_(True)
-        bias = head.bias.detach()[rows].clone().requires_grad_(True)
+        target = torch.searchsorted(present, labels)  # each label's position among the rows present
+        weight = head.weight.detach()[present].clone().requires_grad_(True)
+        bias = head.bias.detach()[present].clone().requires_grad_(True)
         opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
         def closure():
@@ -154,8 +154,8 @@ class TaskHeads(nn.Module):
         if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):
             return False
         with torch.no_grad():
-            head.weight[rows] = weight.detach()
-            head.bias[rows] = bias.detach()
+            head.weight[present] = weight.detach()
+            head.bias[present] = bias.detach()
         return True
 
     @torch.no_grad()
