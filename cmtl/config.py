@@ -52,6 +52,7 @@ STRATEGY_NAMES: tuple[str, ...] = (
     "emtal_no_fading",
     "naive",
     "lora",
+    "frozen",
     "der",
     "replay",
     "lwf",

@@ -11,6 +11,7 @@ Avalanche strategy. Every baseline sees the same backbone, data, seed, optimiser
 | `emtal_no_moe`    | plain LoRA per task (no experts)    | QR buffer                               |
 | `emtal_no_fading` | same as emtal                       | routers on until the task ends          |
 | `lora`            | plain LoRA per task, merged after   | nothing                                 |
+| `frozen`          | the backbone as pre-trained         | only the heads train (linear probing)   |
 | `naive`           | full fine-tuning                    | nothing                                 |
 | `der`             | full fine-tuning                    | cmtl's buffer, MSE on stored logits     |
 | `replay`          | full fine-tuning                    | Avalanche `ReplayPlugin`                |
@@ -133,6 +134,14 @@ def _emtal_no_fading(mc: ModelConfig, st: StrategyConfig, seed: int) -> Strategy
 def _lora(mc: ModelConfig, st: StrategyConfig, seed: int) -> StrategySpec:
     cfg = dataclasses.replace(emtal_config(st, None, fading=False), consolidate_every=1)
     return StrategySpec("lora", adapter_config(mc, moe=False), False, cfg)
+
+
+@STRATEGIES.register("frozen")
+def _frozen(mc: ModelConfig, st: StrategyConfig, seed: int) -> StrategySpec:
+    # The pre-trained features as they are, the reference every adaptation must beat: no adapter,
+    # no buffer, only the task heads train (at `lr`). With head_init: probe each head is a linear
+    # probe; with prototype, the nearest-class-mean start of SimpleCIL (Zhou et al., 2023)
+    return StrategySpec("frozen", None, False, emtal_config(st, None, fading=False))
 
 
 @STRATEGIES.register("naive")

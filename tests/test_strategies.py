@@ -59,6 +59,8 @@ def test_specs_differ_where_the_baselines_should():
     assert specs["der"].emtal.qr.loss == "mse" and specs["der"].emtal.qr.in_task_weight == 0
     for name in ("naive", "der", "replay", "lwf", "ewc", "joint"):
         assert specs[name].adapter is None and specs[name].backbone_trainable, name
+    assert specs["frozen"].adapter is None and not specs["frozen"].backbone_trainable
+    assert specs["frozen"].emtal.qr is None
     assert {specs[n].avalanche for n in ("replay", "lwf", "ewc", "joint")} == {
         "replay",
         "lwf",
@@ -120,11 +122,32 @@ def test_every_strategy_trains_and_evaluates(name, mode):
     results = strategy.eval(stream.benchmark.test_stream)
     accs = [v for k, v in results.items() if k.startswith("Top1_Acc_Exp")]
     assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
-    # every strategy changed the backbone (full fine-tuning or merged adapters) and left it plain timm
+    # every strategy but frozen changed the backbone (full fine-tuning or merged adapters); all left it
+    # plain timm
     changed = max((v - base[k]).abs().max().item() for k, v in model.backbone.state_dict().items())
-    assert changed > 0, name
+    assert (changed == 0) if name == "frozen" else (changed > 0), (name, changed)
     assert not model.open_adapters
     assert model.heads.classes_per_task == [2, 2]
+
+
+def test_frozen_trains_only_heads_so_task_incremental_accuracy_never_drops():
+    from cmtl.strategies import build_strategy
+
+    cfg = _small_cfg()
+    cfg.strategy.head_init = "probe"
+    stream = _stream("til", n_tasks=2, max_per_class=20)
+    spec = strategy_spec("frozen", cfg.model, cfg.strategy)
+    model = CMTLModel(_vit(), spec.adapter, mode="til")
+    strategy = build_strategy(spec, model, cfg.strategy, evaluator=_evaluator())
+    train, test = stream.benchmark.train_stream, stream.benchmark.test_stream
+    strategy.train(train[0])
+    head0 = model.heads.heads[0].weight.detach().clone()
+    first = strategy.eval([test[0]])["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000"]
+    strategy.train(train[1])
+    after = strategy.eval([test[0]])["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000"]
+    assert first > 0.5  # the head learned task 0 on the frozen features
+    assert torch.equal(model.heads.heads[0].weight, head0)
+    assert after == first
 
 
 def test_emtal_template_installs_plugin_and_merges_at_end_of_stream():
