@@ -139,8 +139,9 @@ def _lora(mc: ModelConfig, st: StrategyConfig, seed: int) -> StrategySpec:
 @STRATEGIES.register("frozen")
 def _frozen(mc: ModelConfig, st: StrategyConfig, seed: int) -> StrategySpec:
     # The pre-trained features as they are, the reference every adaptation must beat: no adapter,
-    # no buffer, only the task heads train (at `lr`). With head_init: probe each head is a linear
-    # probe; with prototype, the nearest-class-mean start of SimpleCIL (Zhou et al., 2023)
+    # no buffer, only the task heads train (at `lr`); with head_init: probe each head starts as a
+    # linear probe. In class-incremental mode every row trains on the new task's data alone, as in
+    # naive, so old classes are forgotten there; it is a task-incremental reference
     return StrategySpec("frozen", None, False, emtal_config(st, None, fading=False))
 
 
