@@ -118,46 +118,13 @@ class EMTALController:
             self.qr.begin_task(self.task, pool_x.cpu(), pool_y.cpu(), num_valid_classes=width)
         return self.task
 
-    @torch.no_grad()
     def init_head(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         """Start the new task's head from its training images' features, as `config.head_init` says.
 
-        "prototype": the nearest-class-mean classifier of its classes (`TaskHeads.init_newest_from_means`);
-        "probe": that, then fitted to a converged logistic regression on the same features
-        (`TaskHeads.fit_newest`). `batches` yields (images, labels) of the task's training data,
-        un-augmented; labels are the task's own (0..n-1, task-incremental) or the newest head's
-        classes (class-incremental). The features are those of the model as the task starts (its new
-        adapter is still the identity). Returns False if fewer than two classes had samples (the head
-        keeps its random start).
+        See `init_heads`; the features are those of the model as the task starts (its new adapter
+        is still the identity).
         """
-        heads = self.model.heads
-        widths = heads.classes_per_task
-        n, first = widths[-1], (sum(widths[:-1]) if self.model.mode == "cil" else 0)
-        device = self._device()
-        sums = torch.zeros(n, heads.in_features, device=device)
-        counts = torch.zeros(n, device=device)
-        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-        with _evaluating(self.model):
-            for x, y in batches:
-                local = torch.as_tensor(y, device=device).long() - first
-                if len(local) and (int(local.min()) < 0 or int(local.max()) >= n):
-                    bad = int(local[(local < 0) | (local >= n)][0]) + first
-                    raise ValueError(
-                        f"label {bad} is not one of the new task's classes ({first}..{first + n - 1}); "
-                        f"head_init={self.config.head_init!r} needs each task's classes numbered after "
-                        "the previous ones"
-                    )
-                feats = self.model.forward_features(x.to(device)).float()
-                sums.index_add_(0, local, feats)
-                counts.index_add_(0, local, torch.ones_like(local, dtype=counts.dtype))
-                if self.config.head_init == "probe":
-                    kept.append((feats, local))
-        means = sums / counts.clamp(min=1).unsqueeze(1)
-        if not heads.init_newest_from_means(means, counts > 0):
-            return False
-        if kept:
-            return heads.fit_newest(torch.cat([f for f, _ in kept]), torch.cat([y for _, y in kept]))
-        return True
+        return init_heads(self.model, self.config.head_init, batches)
 
     def pool_indices(self, targets: torch.Tensor, num_classes: int, seed: int = 0) -> torch.Tensor:
         """Which training samples (by index) form the candidate pool of a task."""
@@ -274,3 +241,55 @@ class EMTALController:
         if self.qr is not None:
             qr_tensors = {k[3:]: v for k, v in tensors.items() if k.startswith("qr.")}
             self.qr.load_state_dict({"tensors": qr_tensors, "meta": meta["qr"]})
+
+
+@torch.no_grad()
+def init_heads(
+    model: CMTLModel,
+    head_init: str,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    tasks: range | None = None,
+) -> bool:
+    """Start heads `tasks` (default: the newest) from the features of their training images.
+
+    "random" leaves them as they are; "prototype" makes them the nearest-class-mean classifier of
+    their classes (`TaskHeads.init_from_means`); "probe" does that, then fits them to a converged
+    logistic regression on the same features (`TaskHeads.fit`). `batches` yields (images, labels),
+    un-augmented; labels are the task's own (0..n-1, task-incremental: one head) or the global
+    classes of those heads (class-incremental, where several heads are one classifier: joint
+    training starts all of them at once). Returns False if fewer than two classes had samples (the
+    heads keep their start).
+    """
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init {head_init!r} is unknown; valid: {', '.join(HEAD_INITS)}")
+    if head_init == "random":
+        return False
+    heads = model.heads
+    tasks = heads.task_span(tasks)
+    widths = heads.classes_per_task
+    n, first = sum(widths[t] for t in tasks), (sum(widths[: tasks.start]) if model.mode == "cil" else 0)
+    device = next(model.parameters()).device
+    sums = torch.zeros(n, heads.in_features, device=device)
+    counts = torch.zeros(n, device=device)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with _evaluating(model):
+        for x, y in batches:
+            local = torch.as_tensor(y, device=device).long() - first
+            if len(local) and (int(local.min()) < 0 or int(local.max()) >= n):
+                bad = int(local[(local < 0) | (local >= n)][0]) + first
+                raise ValueError(
+                    f"label {bad} is not one of the classes of heads {tasks.start}..{tasks.stop - 1} "
+                    f"({first}..{first + n - 1}); head_init={head_init!r} needs each task's classes "
+                    "numbered after the previous ones"
+                )
+            feats = model.forward_features(x.to(device)).float()
+            sums.index_add_(0, local, feats)
+            counts.index_add_(0, local, torch.ones_like(local, dtype=counts.dtype))
+            if head_init == "probe":
+                kept.append((feats, local))
+    means = sums / counts.clamp(min=1).unsqueeze(1)
+    if not heads.init_from_means(means, counts > 0, tasks=tasks):
+        return False
+    if kept:
+        return heads.fit(torch.cat([f for f, _ in kept]), torch.cat([y for _, y in kept]), tasks=tasks)
+    return True

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 MODES = ("til", "cil")
-HEAD_INITS = ("random", "prototype", "probe")  # see init_newest_from_means, fit_newest
+HEAD_INITS = ("random", "prototype", "probe")  # see init_from_means, fit
 # fills logit columns a task's head does not have when a batch mixes tasks of different widths
 PAD_LOGIT = -1e4
 
@@ -78,29 +78,69 @@ class TaskHeads(nn.Module):
             raise ValueError(f"task label {task} has no head; valid: 0..{len(self.heads) - 1}")
         return self.heads[task]
 
-    @torch.no_grad()
-    def init_newest_from_means(self, means: torch.Tensor, present: torch.Tensor, margin: float = 2.0) -> bool:
-        """Start the newest head as a nearest-class-mean classifier of its classes' mean features.
+    def task_span(self, tasks: range | None) -> range:
+        """The heads `tasks` (default: the newest), checked to be a non-empty run of existing heads."""
+        if tasks is None:
+            tasks = range(len(self.heads) - 1, len(self.heads))
+        if (
+            not self.heads
+            or len(tasks) == 0
+            or tasks.step != 1
+            or tasks.start < 0
+            or tasks.stop > len(self.heads)
+        ):
+            raise ValueError(
+                f"tasks {tasks!r} is not a run of existing heads; valid: within range(0, {len(self.heads)})"
+            )
+        if self.mode == "til" and len(tasks) != 1:
+            raise ValueError(
+                f"task-incremental heads are separate classifiers; tasks {tasks!r} must be one head"
+            )
+        return tasks
 
-        `means` (n_classes x in_features) are the mean pre-logit features of the newest head's
-        classes, `present` marks the rows that had samples. Row c becomes `tau * (mu_c - m)` with bias
-        `-tau * (m . (mu_c - m) + |mu_c - m|^2 / 2)` (m: mean of the present means): the logits are
-        `-tau |x - mu_c|^2 / 2` up to a term shared by all classes, a prototype classifier, and
-        training starts from there. `tau` makes the mean margin at the class means equal `margin`,
-        whatever the features' scale.
+    def _rows(self, tasks: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights and biases of heads `tasks`, their rows stacked in class order (copies)."""
+        hs = [self.heads[t] for t in tasks]
+        return torch.cat([h.weight.detach() for h in hs]), torch.cat([h.bias.detach() for h in hs])
+
+    @torch.no_grad()
+    def _set_rows(self, tasks: range, weight: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write `weight[rows]`, `bias[rows]` (indices into the stacked rows of `tasks`) into the heads."""
+        start = 0
+        for t in tasks:
+            h = self.heads[t]
+            mine = rows[(rows >= start) & (rows < start + h.out_features)]
+            h.weight[mine - start] = weight[mine].to(h.weight)
+            h.bias[mine - start] = bias[mine].to(h.bias)
+            start += h.out_features
+
+    @torch.no_grad()
+    def init_from_means(
+        self, means: torch.Tensor, present: torch.Tensor, margin: float = 2.0, tasks: range | None = None
+    ) -> bool:
+        """Start heads `tasks` (default: the newest) as a nearest-class-mean classifier of their classes.
+
+        `means` (n_classes x in_features) are the mean pre-logit features of the classes of those
+        heads, in order (several heads only in class-incremental mode, where they are one classifier:
+        joint training starts all of them at once); `present` marks the rows that had samples. Row c
+        becomes `tau * (mu_c - m)` with bias `-tau * (m . (mu_c - m) + |mu_c - m|^2 / 2)` (m: mean of
+        the present means): the logits are `-tau |x - mu_c|^2 / 2` up to a term shared by all classes,
+        a prototype classifier, and training starts from there. `tau` makes the mean margin at the
+        class means equal `margin`, whatever the features' scale.
         Rows without samples keep their random start. Returns False (nothing changed) when fewer than
         two classes are present or their means coincide.
         """
-        head = self.heads[-1]
-        if means.shape != head.weight.shape or present.shape != (head.out_features,):
+        tasks = self.task_span(tasks)
+        weight, bias = self._rows(tasks)
+        if means.shape != weight.shape or present.shape != (weight.shape[0],):
             raise ValueError(
-                f"means {tuple(means.shape)} / present {tuple(present.shape)} do not fit the newest "
-                f"head ({head.out_features} x {head.in_features})"
+                f"means {tuple(means.shape)} / present {tuple(present.shape)} do not fit heads {tasks!r} "
+                f"({weight.shape[0]} x {weight.shape[1]})"
             )
-        present = present.to(torch.bool)
+        present = present.to(torch.bool).to(weight.device)
         if int(present.sum()) < 2:
             return False
-        mu = means[present].to(head.weight)
+        mu = means.to(weight)[present]
         m = mu.mean(dim=0)
         centred = mu - m
         # mean squared distance between two different class means: sum over pairs = 2k sum |mu_c - m|^2
@@ -108,38 +148,42 @@ class TaskHeads(nn.Module):
         if not bool(torch.isfinite(mean_sq)) or float(mean_sq) <= 0:
             return False
         tau = 2.0 * margin / mean_sq
-        head.weight[present] = tau * centred
-        head.bias[present] = -tau * (centred @ m + centred.pow(2).sum(dim=1) / 2)
+        weight[present] = tau * centred
+        bias[present] = -tau * (centred @ m + centred.pow(2).sum(dim=1) / 2)
+        self._set_rows(tasks, weight, bias, present.nonzero(as_tuple=True)[0])
         return True
 
-    def fit_newest(self, features: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> bool:
-        """Fit the newest head by logistic regression on fixed features (a linear probe).
+    def fit(
+        self, features: torch.Tensor, labels: torch.Tensor, max_iter: int = 100, tasks: range | None = None
+    ) -> bool:
+        """Fit heads `tasks` (default: the newest) by logistic regression on fixed features (a linear probe).
 
-        `features` (N x in_features) and `labels` (N, the newest head's own rows 0..n-1) are the
-        task's training images as the task starts. The rows of the classes present are fitted by
-        L-BFGS from where they are (the prototype start, say) to the minimum of the mean
-        cross-entropy plus `|W|^2 / (2N)` (scikit-learn's `LogisticRegression(C=1)`; the bias is not
-        penalised), so training starts from a converged probe (LP-FT, Kumar et al. 2022) rather than
-        from a head that a few steps leave half-trained. Rows of absent classes are left as they are.
-        Returns False (nothing changed) when fewer than two classes are present or the fit does not
-        stay finite.
+        `features` (N x in_features) and `labels` (N, rows 0..n-1 of those heads taken in order, as
+        in `init_from_means`) are the training images of their classes. The rows of the classes
+        present are fitted by L-BFGS from where they are (the prototype start, say) to the minimum of
+        the mean cross-entropy plus `|W|^2 / (2N)` (scikit-learn's `LogisticRegression(C=1)`; the
+        bias is not penalised), so training starts from a converged probe (LP-FT, Kumar et al. 2022)
+        rather than from a head that a few steps leave half-trained. Rows of absent classes are left
+        as they are. Returns False (nothing changed) when fewer than two classes are present or the
+        fit does not stay finite.
         """
-        head = self.heads[-1]
-        labels = labels.long().to(head.weight.device)
-        if features.shape[0] != labels.shape[0] or features.shape[1:] != (head.in_features,):
+        tasks = self.task_span(tasks)
+        start_w, start_b = self._rows(tasks)
+        labels = labels.long().to(start_w.device)
+        if features.shape[0] != labels.shape[0] or features.shape[1:] != (start_w.shape[1],):
             raise ValueError(
-                f"features {tuple(features.shape)} / labels {tuple(labels.shape)} do not fit the newest "
-                f"head ({head.out_features} x {head.in_features})"
+                f"features {tuple(features.shape)} / labels {tuple(labels.shape)} do not fit heads "
+                f"{tasks!r} ({start_w.shape[0]} x {start_w.shape[1]})"
             )
         present = torch.unique(labels)
         if len(present) < 2:
             return False
-        if int(present.min()) < 0 or int(present.max()) >= head.out_features:
-            raise ValueError(f"labels must be the newest head's rows 0..{head.out_features - 1}")
-        x = features.detach().to(head.weight)
+        if int(present.min()) < 0 or int(present.max()) >= start_w.shape[0]:
+            raise ValueError(f"labels must be rows 0..{start_w.shape[0] - 1} of heads {tasks!r}")
+        x = features.detach().to(start_w)
         target = torch.searchsorted(present, labels)  # each label's position among the rows present
-        weight = head.weight.detach()[present].clone().requires_grad_(True)
-        bias = head.bias.detach()[present].clone().requires_grad_(True)
+        weight = start_w[present].clone().requires_grad_(True)
+        bias = start_b[present].clone().requires_grad_(True)
         opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
         def closure():
@@ -153,9 +197,9 @@ class TaskHeads(nn.Module):
             opt.step(closure)
         if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):
             return False
-        with torch.no_grad():
-            head.weight[present] = weight.detach()
-            head.bias[present] = bias.detach()
+        start_w[present] = weight.detach()
+        start_b[present] = bias.detach()
+        self._set_rows(tasks, start_w, start_b, present)
         return True
 
     @torch.no_grad()

@@ -17,14 +17,15 @@ from avalanche.training.templates import SupervisedTemplate
 from torch.utils.data import DataLoader
 
 from cmtl.config import StrategyConfig
-from cmtl.continual import EMTALConfig
+from cmtl.continual import EMTALConfig, init_heads
 from cmtl.distributed import is_distributed
+from cmtl.heads import HEAD_INITS
 from cmtl.model import CMTLModel
 from cmtl.optim import lr_factor, make_optimizer, set_lr
 from cmtl.recipes import StrategySpec
 
 from .distributed import DistributedSync
-from .emtal import AvalancheCMTL, EMTALPlugin
+from .emtal import AvalancheCMTL, EMTALPlugin, eval_batches
 from .state import replay_plugin
 
 
@@ -184,7 +185,36 @@ class EMTAL(CMTLStrategy):
 
 
 class CMTLJoint(_FreshOptimizer, JointTraining):
-    """Avalanche's `JointTraining` (all experiences at once), with the same optimiser handling."""
+    """Avalanche's `JointTraining` (all experiences at once), with the same optimiser handling.
+
+    `head_init` ("random", "prototype" or "probe", as `StrategyConfig.head_init`) starts the heads
+    from the pre-trained features of every experience's training images before training, as the
+    continual strategies start each new task's: each task its own head (task-incremental), or one
+    classifier over all classes (class-incremental), so the upper bound starts where they do.
+    """
+
+    def __init__(self, *, head_init: str = "random", head_batch_size: int = 256, **kwargs):
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init {head_init!r} is unknown; valid: {', '.join(HEAD_INITS)}")
+        super().__init__(**kwargs)
+        self.head_init, self.head_batch_size = head_init, head_batch_size
+
+    def _before_training_exp(self, **kwargs):
+        super()._before_training_exp(**kwargs)
+        if self.head_init == "random":
+            return
+        model = self.model.cmtl
+        if model.mode == "til":
+            for exp in self._experiences:
+                t = exp.current_experience
+                init_heads(
+                    model, self.head_init, eval_batches(exp.dataset, self.head_batch_size), range(t, t + 1)
+                )
+        else:
+            batches = (
+                b for exp in self._experiences for b in eval_batches(exp.dataset, self.head_batch_size)
+            )
+            init_heads(model, self.head_init, batches, range(len(model.heads.heads)))
 
 
 def find_emtal_plugin(strategy) -> EMTALPlugin | None:
@@ -228,7 +258,9 @@ def build_strategy(
         optimizer = make_optimizer(st.optimizer, net.parameters(), lr, st.weight_decay, st.momentum)
         if is_distributed():
             extra.append(DistributedSync())
-        return CMTLJoint(model=net, optimizer=optimizer, plugins=[*plugins, *extra], **common)
+        return CMTLJoint(
+            model=net, optimizer=optimizer, plugins=[*plugins, *extra], head_init=st.head_init, **common
+        )
     if spec.avalanche == "replay":
         extra.append(replay_plugin(st.buffer_size, st.replay_batch_size))
     elif spec.avalanche == "lwf":

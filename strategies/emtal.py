@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from avalanche.models import MultiTaskModule
 from avalanche.training.plugins import SupervisedPlugin
@@ -32,6 +34,13 @@ def _cmtl(model: torch.nn.Module) -> CMTLModel:
     if not isinstance(inner, CMTLModel):
         raise TypeError(f"EMTALPlugin needs AvalancheCMTL(CMTLModel(...)), got {type(model).__name__}")
     return inner
+
+
+def eval_batches(data, size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) of an Avalanche dataset in order, `size` at a time, with its eval transform."""
+    data = data.eval()
+    for i in range(0, len(data), size):
+        yield _stack(data, range(i, min(i + size, len(data))))
 
 
 def _stack(data, indices) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +102,7 @@ class EMTALPlugin(SupervisedPlugin):
                 pool_x, pool_y = _stack(data, idx.tolist())
         ctl.start_task(num_classes, pool_x, pool_y)
         if self.config.head_init != "random":
-            data, size = exp.dataset.eval(), self.pool_batch_size
-            ctl.init_head(_stack(data, range(i, min(i + size, len(data)))) for i in range(0, len(data), size))
+            ctl.init_head(eval_batches(exp.dataset, self.pool_batch_size))
 
     def before_training_iteration(self, strategy, **kwargs):
         self.controller.on_step(strategy.train_epochs * len(strategy.dataloader))

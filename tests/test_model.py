@@ -331,7 +331,7 @@ def test_prototype_head_is_a_nearest_mean_classifier_with_the_given_margin():
     heads = TaskHeads(8, mode="til")
     heads.add_task(3)
     means = torch.randn(3, 8) * 4 + 10  # a shared offset, as pre-logit features have
-    assert heads.init_newest_from_means(means, torch.ones(3, dtype=torch.bool), margin=2.0)
+    assert heads.init_from_means(means, torch.ones(3, dtype=torch.bool), margin=2.0)
     x = means[torch.randint(0, 3, (200,))] + torch.randn(200, 8)
     nearest = torch.cdist(x, means).argmin(dim=1)
     assert torch.equal(heads(x, 0).argmax(dim=1), nearest)
@@ -357,17 +357,45 @@ def test_prototype_head_touches_only_the_newest_rows_with_samples():
     heads.add_task(3)
     random_row = heads.heads[1].weight[2].clone()
     present = torch.tensor([True, True, False])
-    assert heads.init_newest_from_means(torch.randn(3, 8), present)
+    assert heads.init_from_means(torch.randn(3, 8), present)
     assert torch.equal(heads.heads[0].weight, old)
     assert torch.equal(heads.heads[1].weight[2], random_row)
     assert not torch.equal(heads.heads[1].weight[0], random_row)
     # fewer than two classes, or identical means: nothing to separate, nothing changes
     w = heads.heads[1].weight.clone()
-    assert not heads.init_newest_from_means(torch.randn(3, 8), torch.tensor([True, False, False]))
-    assert not heads.init_newest_from_means(torch.ones(3, 8), torch.ones(3, dtype=torch.bool))
+    assert not heads.init_from_means(torch.randn(3, 8), torch.tensor([True, False, False]))
+    assert not heads.init_from_means(torch.ones(3, 8), torch.ones(3, dtype=torch.bool))
     assert torch.equal(heads.heads[1].weight, w)
-    with pytest.raises(ValueError, match="do not fit the newest head"):
-        heads.init_newest_from_means(torch.randn(2, 8), torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"do not fit heads range\(1, 2\)"):
+        heads.init_from_means(torch.randn(2, 8), torch.ones(2, dtype=torch.bool))
+
+
+def test_class_incremental_heads_fit_as_one_classifier_and_task_heads_one_at_a_time():
+    from cmtl.heads import TaskHeads
+
+    torch.manual_seed(0)
+    centres = 4 * torch.eye(4, 8)
+    y = torch.arange(4).repeat_interleave(50)
+    x = centres[y] + torch.randn(200, 8)
+    heads = TaskHeads(8, mode="cil")
+    heads.add_task(2)
+    heads.add_task(2)
+    start = [h.weight.clone() for h in heads.heads]
+    assert heads.fit(x, y, tasks=range(0, 2))  # joint training: all four classes at once
+    assert all(not torch.equal(h.weight, w) for h, w in zip(heads.heads, start))
+    assert float((heads(x).argmax(1) == y).float().mean()) >= 0.95
+    means = torch.stack([x[y == c].mean(0) for c in range(4)])
+    assert heads.init_from_means(means, torch.ones(4, dtype=torch.bool), tasks=range(0, 2))
+    assert float((heads(x).argmax(1) == y).float().mean()) >= 0.95
+    til = TaskHeads(8, mode="til")
+    til.add_task(2)
+    til.add_task(2)
+    with pytest.raises(ValueError, match=r"tasks range\(0, 2\) must be one head"):
+        til.fit(x[y < 2], y[y < 2], tasks=range(0, 2))
+    with pytest.raises(ValueError, match=r"not a run of existing heads; valid: within range\(0, 2\)"):
+        til.fit(x[y < 2], y[y < 2], tasks=range(2, 3))
+    assert til.fit(x[y < 2], y[y < 2], tasks=range(0, 1))
+    assert float((til(x[y < 2], 0).argmax(1) == y[y < 2]).float().mean()) >= 0.95
 
 
 def _sheared_two_classes(n: int = 200, seed: int = 0):
@@ -387,9 +415,9 @@ def test_probe_head_is_a_converged_logistic_regression():
     heads = TaskHeads(2, mode="til")
     heads.add_task(2)
     means = torch.stack([x[y == c].mean(0) for c in range(2)])
-    assert heads.init_newest_from_means(means, torch.ones(2, dtype=torch.bool))
+    assert heads.init_from_means(means, torch.ones(2, dtype=torch.bool))
     prototype_acc = float((heads(x, 0).argmax(1) == y).float().mean())
-    assert heads.fit_newest(x, y)
+    assert heads.fit(x, y)
     probe_acc = float((heads(x, 0).argmax(1) == y).float().mean())
     assert prototype_acc < 0.75 and probe_acc >= 0.97
     # the minimum of mean cross-entropy + |W|^2 / (2N): its gradient vanishes there
@@ -410,14 +438,14 @@ def test_probe_head_fits_only_the_newest_rows_of_the_classes_present():
     old = [p.clone() for p in heads.heads[0].parameters()]
     heads.add_task(3)
     absent = heads.heads[1].weight[2].clone()
-    assert heads.fit_newest(x, y)  # labels 0, 1 of the newest head's three rows
+    assert heads.fit(x, y)  # labels 0, 1 of the newest head's three rows
     assert all(torch.equal(p, q) for p, q in zip(heads.heads[0].parameters(), old))
     assert torch.equal(heads.heads[1].weight[2], absent)
     assert float((heads(x)[:, 2:4].argmax(1) == y).float().mean()) >= 0.97
     w = heads.heads[1].weight.clone()
-    assert not heads.fit_newest(x[y == 0], y[y == 0])  # one class: nothing to separate
+    assert not heads.fit(x[y == 0], y[y == 0])  # one class: nothing to separate
     assert torch.equal(heads.heads[1].weight, w)
-    with pytest.raises(ValueError, match="the newest head's rows 0..2"):
-        heads.fit_newest(x, y + 2)
-    with pytest.raises(ValueError, match="do not fit the newest head"):
-        heads.fit_newest(x[:, :1], y)
+    with pytest.raises(ValueError, match=r"rows 0..2 of heads range\(1, 2\)"):
+        heads.fit(x, y + 2)
+    with pytest.raises(ValueError, match=r"do not fit heads range\(1, 2\)"):
+        heads.fit(x[:, :1], y)

@@ -153,7 +153,7 @@ def test_head_init_classifies_the_new_task_before_any_step(mode, head_init):
     assert ctl.init_head([(x[:40], y[:40]), (x[40:], y[40:])])
     assert accuracy() >= 0.95
     assert model.training  # the training mode is restored
-    with pytest.raises(ValueError, match="label 5 is not one of the new task's classes"):
+    with pytest.raises(ValueError, match="label 5 is not one of the classes of heads 1..1"):
         ctl.init_head([(x[:2], torch.tensor([offset, 5]))])
 
 
@@ -211,7 +211,7 @@ def test_refresh_buffer_keeps_the_best_of_stored_and_final_model_logits(mode):
     vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=0)
     qr = QRConfig(budget=12, selection="reservoir", refresh=True)
     model = CMTLModel(vit, AdapterConfig(num_experts=4, rank=2), mode=mode)
-    ctl = EMTALController(model, EMTALConfig(qr=qr))
+    ctl = EMTALController(model, EMTALConfig(qr=qr, head_init="prototype"))
     seen = []
     real = ctl.qr.refresh
     ctl.qr.refresh = lambda logits: (

@@ -151,6 +151,58 @@ def test_frozen_trains_only_heads_so_task_incremental_accuracy_never_drops():
     assert after == first
 
 
+@pytest.mark.parametrize("mode", ["til", "cil"])
+def test_joint_starts_every_head_as_head_init_says(mode):
+    """The upper bound starts from probe heads too: each task its own (TIL) or one over all classes (CIL).
+
+    A converged probe is where the gradient of its regularised cross-entropy vanishes: on each task's
+    images for a task head, on every image over all classes for the class-incremental head (fitting
+    each task's rows alone would leave that gradient large).
+    """
+    from cmtl.strategies import CMTLJoint, build_strategy
+    from cmtl.strategies.emtal import eval_batches
+
+    stream = _stream(mode, n_tasks=2, max_per_class=20)
+    train = stream.benchmark.train_stream
+
+    def probe_gradients(model):
+        groups = [[exp] for exp in train] if mode == "til" else [list(train)]
+        norms = []
+        for t, exps in enumerate(groups):
+            x, y = (torch.cat(z) for z in zip(*(b for exp in exps for b in eval_batches(exp.dataset))))
+            heads = [model.heads.heads[t]] if mode == "til" else list(model.heads.heads)
+            w = torch.cat([h.weight.detach() for h in heads]).requires_grad_(True)
+            b = torch.cat([h.bias.detach() for h in heads]).requires_grad_(True)
+            with torch.no_grad():
+                feats = model.forward_features(x)
+            loss = torch.nn.functional.cross_entropy(feats @ w.T + b, y) + w.pow(2).sum() / (2 * len(y))
+            norms.append(float(torch.cat([g.flatten() for g in torch.autograd.grad(loss, [w, b])]).norm()))
+        return norms
+
+    grads = {}
+    for head_init in ("random", "probe"):
+        cfg = _small_cfg()
+        cfg.strategy.head_init, cfg.strategy.backbone_lr = head_init, 1e-12  # training moves nothing
+        spec = strategy_spec("joint", cfg.model, cfg.strategy)
+        torch.manual_seed(0)
+        model = CMTLModel(_vit(), spec.adapter, mode=mode)
+        strategy = build_strategy(
+            spec, model, cfg.strategy, classes_per_task=stream.classes_per_task, evaluator=_evaluator()
+        )
+        strategy.train(train)
+        model.eval()
+        grads[head_init] = probe_gradients(model)
+    assert all(g > 1e-2 for g in grads["random"]), grads
+    assert all(g < 1e-3 for g in grads["probe"]), grads
+    with pytest.raises(ValueError, match="head_init 'linear' is unknown; valid: random, prototype, probe"):
+        CMTLJoint(
+            model=model,
+            optimizer=strategy.optimizer,
+            criterion=torch.nn.CrossEntropyLoss(),
+            head_init="linear",
+        )
+
+
 def test_emtal_template_installs_plugin_and_merges_at_end_of_stream():
     from cmtl.strategies import EMTAL
 
