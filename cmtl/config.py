@@ -501,9 +501,9 @@ class StrategyConfig(_Section):
             the mean norm of the older ones (WA, Zhao et al. 2020), for every strategy but joint.
         head_init: "random", "prototype" (each new task's head starts as the nearest-class-mean
             classifier of its training images' features) or "probe" (as a logistic regression
-            fitted to them: linear probing, then fine-tuning), for every strategy; joint starts every
-            task's head (task-incremental) or its one head over all classes (class-incremental) so
-            before training.
+            fitted to them: linear probing, then fine-tuning), for every strategy. Joint fits its
+            heads before training: each task's own (task-incremental) or one classifier over all
+            classes (class-incremental).
         lwf_alpha: LwF distillation weight.
         lwf_temperature: LwF temperature.
         ewc_lambda: EWC penalty weight.
