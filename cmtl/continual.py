@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cmtl.heads import HEAD_INITS
+from cmtl.heads import check_head_init
 from cmtl.model import CMTLModel
 from cmtl.qr import QRBuffer, QRConfig, class_balanced_indices
 
@@ -76,8 +76,7 @@ class EMTALConfig:
     head_init: str = "random"
 
     def __post_init__(self) -> None:
-        if self.head_init not in HEAD_INITS:
-            raise ValueError(f"head_init {self.head_init!r} is unknown; valid: {', '.join(HEAD_INITS)}")
+        check_head_init(self.head_init)
         if not 0.0 <= self.fading_start <= self.fading_end <= 1.0:
             raise ValueError(
                 f"fading_start={self.fading_start}, fading_end={self.fading_end}: need 0 <= start <= end <= 1"
@@ -260,8 +259,7 @@ def init_heads(
     training starts all of them at once). Returns False if fewer than two classes had samples (the
     heads keep their start).
     """
-    if head_init not in HEAD_INITS:
-        raise ValueError(f"head_init {head_init!r} is unknown; valid: {', '.join(HEAD_INITS)}")
+    check_head_init(head_init)
     if head_init == "random":
         return False
     heads = model.heads

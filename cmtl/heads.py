@@ -12,6 +12,15 @@ from torch import nn
 
 MODES = ("til", "cil")
 HEAD_INITS = ("random", "prototype", "probe")  # see init_from_means, fit
+
+
+def check_head_init(head_init: str) -> str:
+    """`head_init` if it is one of `HEAD_INITS`, else ValueError naming the valid ones."""
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init {head_init!r} is unknown; valid: {', '.join(HEAD_INITS)}")
+    return head_init
+
+
 # fills logit columns a task's head does not have when a batch mixes tasks of different widths
 PAD_LOGIT = -1e4
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from cmtl.config import StrategyConfig
 from cmtl.continual import EMTALConfig, init_heads
 from cmtl.distributed import is_distributed
-from cmtl.heads import HEAD_INITS
+from cmtl.heads import check_head_init
 from cmtl.model import CMTLModel
 from cmtl.optim import lr_factor, make_optimizer, set_lr
 from cmtl.recipes import StrategySpec
@@ -194,8 +194,7 @@ class CMTLJoint(_FreshOptimizer, JointTraining):
     """
 
     def __init__(self, *, head_init: str = "random", head_batch_size: int = 256, **kwargs):
-        if head_init not in HEAD_INITS:
-            raise ValueError(f"head_init {head_init!r} is unknown; valid: {', '.join(HEAD_INITS)}")
+        check_head_init(head_init)  # before Avalanche builds anything
         super().__init__(**kwargs)
         self.head_init, self.head_batch_size = head_init, head_batch_size
 
