@@ -117,13 +117,28 @@ class EMTALController:
             self.qr.begin_task(self.task, pool_x.cpu(), pool_y.cpu(), num_valid_classes=width)
         return self.task
 
-    def init_head(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    def init_head(
+        self,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        old_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> bool:
         """Start the new task's head from its training images' features, as `config.head_init` says.
 
         See `init_heads`; the features are those of the model as the task starts (its new adapter
-        is still the identity).
+        is still the identity). `old_batches`: the replay memory's (images, classes) that a
+        class-incremental probe is fitted against; None takes the QR buffer's.
         """
-        return init_heads(self.model, self.config.head_init, batches)
+        if old_batches is None:
+            old_batches = self._buffer_batches()
+        return init_heads(self.model, self.config.head_init, batches, old_batches=old_batches)
+
+    def _buffer_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The QR buffer's (images, labels), `pool_batch_size` at a time."""
+        if self.qr is None or not len(self.qr):
+            return
+        x, y = self.qr.buffer_images(), self.qr.buffer["y"]
+        for i in range(0, len(x), self.pool_batch_size):
+            yield x[i : i + self.pool_batch_size], y[i : i + self.pool_batch_size]
 
     def pool_indices(self, targets: torch.Tensor, num_classes: int, seed: int = 0) -> torch.Tensor:
         """Which training samples (by index) form the candidate pool of a task."""
@@ -248,6 +263,7 @@ def init_heads(
     head_init: str,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     tasks: range | None = None,
+    old_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> bool:
     """Start heads `tasks` (default: the newest) from the features of their training images.
 
@@ -258,6 +274,10 @@ def init_heads(
     classes of those heads (class-incremental, where several heads are one classifier: joint
     training starts all of them at once). Returns False if fewer than two classes had samples (the
     heads keep their start).
+
+    `old_batches` (class-incremental, "probe"): (images, classes) of stored samples of the earlier
+    classes, a replay memory; the probe is fitted against those classes too (`TaskHeads.fit`'s
+    `old`). Other modes and inits ignore them.
     """
     check_head_init(head_init)
     if head_init == "random":
@@ -288,6 +308,12 @@ def init_heads(
     means = sums / counts.clamp(min=1).unsqueeze(1)
     if not heads.init_from_means(means, counts > 0, tasks=tasks):
         return False
-    if kept:
-        return heads.fit(torch.cat([f for f, _ in kept]), torch.cat([y for _, y in kept]), tasks=tasks)
-    return True
+    if not kept:
+        return True
+    olds: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if model.mode == "cil":
+        with _evaluating(model):
+            for x, y in old_batches:
+                olds.append((model.forward_features(x.to(device)).float(), torch.as_tensor(y).long()))
+    old = (torch.cat([f for f, _ in olds]), torch.cat([y for _, y in olds])) if olds else None
+    return heads.fit(torch.cat([f for f, _ in kept]), torch.cat([y for _, y in kept]), tasks=tasks, old=old)

@@ -163,7 +163,12 @@ class TaskHeads(nn.Module):
         return True
 
     def fit(
-        self, features: torch.Tensor, labels: torch.Tensor, max_iter: int = 100, tasks: range | None = None
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        max_iter: int = 100,
+        tasks: range | None = None,
+        old: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> bool:
         """Fit heads `tasks` (default: the newest) by logistic regression on fixed features (a linear probe).
 
@@ -175,9 +180,15 @@ class TaskHeads(nn.Module):
         rather than from a head that a few steps leave half-trained. Rows of absent classes are left
         as they are. Returns False (nothing changed) when fewer than two classes are present or the
         fit does not stay finite.
+
+        `old` (class-incremental only): `(features, classes)` of stored samples of the classes
+        before heads `tasks` (a replay memory). Their rows stay as they are and join the softmax, so
+        the new rows are fitted against the old classes too: fitted on the new classes alone, their
+        logits are on a scale of their own and the classifier leans to whichever side is larger.
         """
         tasks = self.task_span(tasks)
         start_w, start_b = self._rows(tasks)
+        old_x, old_y, old_w, old_b = self._old_rows(tasks, old, start_w)
         labels = labels.long().to(start_w.device)
         if features.shape[0] != labels.shape[0] or features.shape[1:] != (start_w.shape[1],):
             raise ValueError(
@@ -189,15 +200,17 @@ class TaskHeads(nn.Module):
             return False
         if int(present.min()) < 0 or int(present.max()) >= start_w.shape[0]:
             raise ValueError(f"labels must be rows 0..{start_w.shape[0] - 1} of heads {tasks!r}")
-        x = features.detach().to(start_w)
-        target = torch.searchsorted(present, labels)  # each label's position among the rows present
+        # old classes' samples take the first columns (their rows, fixed), the new ones follow
+        x = torch.cat([old_x, features.detach().to(start_w)])
+        target = torch.cat([old_y, old_w.shape[0] + torch.searchsorted(present, labels)])
         weight = start_w[present].clone().requires_grad_(True)
         bias = start_b[present].clone().requires_grad_(True)
         opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+        fixed = x @ old_w.T + old_b
 
         def closure():
             opt.zero_grad()
-            loss = nn.functional.cross_entropy(x @ weight.T + bias, target)
+            loss = nn.functional.cross_entropy(torch.cat([fixed, x @ weight.T + bias], dim=1), target)
             loss = loss + weight.pow(2).sum() / (2 * x.shape[0])
             loss.backward()
             return loss
@@ -210,6 +223,30 @@ class TaskHeads(nn.Module):
         start_b[present] = bias.detach()
         self._set_rows(tasks, start_w, start_b, present)
         return True
+
+    def _old_rows(
+        self, tasks: range, old: tuple[torch.Tensor, torch.Tensor] | None, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`fit`'s old samples and the rows of the classes before `tasks`: (x, y, weight, bias)."""
+        dim = like.shape[1]
+        none = (like.new_zeros(0, dim), torch.zeros(0, dtype=torch.long, device=like.device))
+        if old is None or len(old[1]) == 0:
+            return (*none, like.new_zeros(0, dim), like.new_zeros(0))
+        if self.mode != "cil":
+            raise ValueError("old samples join the fit only in class-incremental mode (one classifier)")
+        x, y = old[0].detach().to(like), old[1].long().to(like.device)
+        if x.shape[0] != y.shape[0] or x.shape[1:] != (dim,):
+            raise ValueError(
+                f"old features {tuple(x.shape)} / classes {tuple(y.shape)} do not fit {dim} features"
+            )
+        n_old = sum(self.classes_per_task[: tasks.start])
+        if int(y.min()) < 0 or int(y.max()) >= n_old:
+            bad = int(y[(y < 0) | (y >= n_old)][0])
+            raise ValueError(
+                f"old class {bad} is not one of the classes before heads {tasks!r} (0..{n_old - 1})"
+            )
+        weight, bias = self._rows(range(0, tasks.start))
+        return x, y, weight.to(like), bias.to(like)
 
     @torch.no_grad()
     def align_newest(self) -> float:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 from avalanche.models import MultiTaskModule
-from avalanche.training.plugins import SupervisedPlugin
+from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
 
 from cmtl.continual import EMTALConfig, EMTALController
 from cmtl.model import CMTLModel
@@ -102,7 +102,14 @@ class EMTALPlugin(SupervisedPlugin):
                 pool_x, pool_y = _stack(data, idx.tolist())
         ctl.start_task(num_classes, pool_x, pool_y)
         if self.config.head_init != "random":
-            ctl.init_head(eval_batches(exp.dataset, self.pool_batch_size))
+            ctl.init_head(eval_batches(exp.dataset, self.pool_batch_size), self._memory_batches(strategy))
+
+    def _memory_batches(self, strategy) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
+        """An Avalanche replay memory's samples (replay baseline), or None: the QR buffer's are used."""
+        for p in strategy.plugins:
+            if isinstance(p, ReplayPlugin):
+                return eval_batches(p.storage_policy.buffer, self.pool_batch_size)
+        return None
 
     def before_training_iteration(self, strategy, **kwargs):
         self.controller.on_step(strategy.train_epochs * len(strategy.dataloader))

@@ -398,6 +398,53 @@ def test_class_incremental_heads_fit_as_one_classifier_and_task_heads_one_at_a_t
     assert float((til(x[y < 2], 0).argmax(1) == y[y < 2]).float().mean()) >= 0.95
 
 
+def _new_rows_gradient(heads, x, y):
+    """Gradient norm, in the newest task's rows, of cross-entropy over every class + |W_new|^2 / (2N)."""
+    new = heads.heads[-1]
+    old_w = torch.cat([h.weight.detach() for h in heads.heads[:-1]])
+    old_b = torch.cat([h.bias.detach() for h in heads.heads[:-1]])
+    w, b = new.weight.detach().clone().requires_grad_(True), new.bias.detach().clone().requires_grad_(True)
+    logits = torch.cat([x @ old_w.T + old_b, x @ w.T + b], dim=1)
+    loss = torch.nn.functional.cross_entropy(logits, y) + w.pow(2).sum() / (2 * len(y))
+    return float(torch.cat([g.flatten() for g in torch.autograd.grad(loss, [w, b])]).norm())
+
+
+def test_class_incremental_probe_is_fitted_against_the_old_classes_memory():
+    """With a replay memory of the old classes, the new rows are fitted in one softmax with the old
+    (fixed) rows: the regularised cross-entropy over memory + new images has a vanishing gradient in
+    the new rows. Fitted on the new classes alone, that gradient is large (the new logits are on a
+    scale of their own)."""
+    from cmtl.heads import TaskHeads
+
+    torch.manual_seed(0)
+    centres = 4 * torch.eye(4, 8)
+    y = torch.arange(4).repeat_interleave(50)
+    x = centres[y] + torch.randn(200, 8)
+    memory = torch.cat([torch.arange(0, 50, 5), torch.arange(50, 100, 5)])  # 10 stored per old class
+    new = y >= 2
+    fitted = {}
+    for with_memory in (False, True):
+        heads = TaskHeads(8, mode="cil")
+        heads.add_task(2)
+        assert heads.fit(x[~new], y[~new])
+        old_rows = [p.clone() for p in heads.heads[0].parameters()]
+        heads.add_task(2)
+        old = (x[memory], y[memory]) if with_memory else None
+        assert heads.fit(x[new], y[new] - 2, old=old)
+        assert all(torch.equal(p, q) for p, q in zip(heads.heads[0].parameters(), old_rows))
+        both = torch.cat([memory, new.nonzero(as_tuple=True)[0]])
+        fitted[with_memory] = _new_rows_gradient(heads, x[both], y[both])
+    assert fitted[True] < 1e-3 < 1e-2 < fitted[False], fitted
+    before = r"old class 3 is not one of the classes before heads range\(1, 2\) \(0..1\)"
+    with pytest.raises(ValueError, match=before):
+        heads.fit(x[new], y[new] - 2, old=(x[:3], torch.tensor([0, 1, 3])))
+    til = TaskHeads(8, mode="til")
+    til.add_task(2)
+    til.add_task(2)
+    with pytest.raises(ValueError, match="only in class-incremental mode"):
+        til.fit(x[new], y[new] - 2, old=(x[memory], y[memory]))
+
+
 def _sheared_two_classes(n: int = 200, seed: int = 0):
     """Two classes that differ only along x2 - x1, under noise along (1, 1): class means are close
     in Euclidean distance, so a nearest-mean head is near chance, while a linear probe separates them."""

@@ -203,6 +203,59 @@ def test_joint_starts_every_head_as_head_init_says(mode):
         )
 
 
+@pytest.mark.parametrize("name", ["replay", "der", "emtal"])
+def test_class_incremental_probe_heads_are_fitted_against_the_replay_memory(name):
+    """A new task's probe rows are fitted in one softmax with the old classes' rows, on the memory
+    the strategy replays (Avalanche's for replay, the QR buffer for der and emtal) plus the new
+    images: the regularised cross-entropy over those has a vanishing gradient in the new rows."""
+    from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
+    from cmtl.strategies import build_strategy, find_emtal_plugin
+    from cmtl.strategies.emtal import eval_batches
+
+    stream = _stream("cil", n_tasks=2, max_per_class=20)
+    train = stream.benchmark.train_stream
+
+    class Capture(SupervisedPlugin):  # the memory as the second task starts (runs before EMTALPlugin)
+        memory = None
+
+        def before_train_dataset_adaptation(self, strategy, **kwargs):
+            if strategy.experience.current_experience != 1:
+                return
+            replay = [p for p in strategy.plugins if isinstance(p, ReplayPlugin)]
+            if replay:
+                self.memory = tuple(torch.cat(z) for z in zip(*eval_batches(replay[0].storage_policy.buffer)))
+            else:
+                qr = find_emtal_plugin(strategy).controller.qr
+                self.memory = (qr.buffer_images(), qr.buffer["y"].long())
+
+    cfg = _small_cfg()
+    cfg.strategy.head_init, cfg.strategy.lr, cfg.strategy.backbone_lr = "probe", 1e-12, 1e-12  # nothing moves
+    spec = strategy_spec(name, cfg.model, cfg.strategy)
+    torch.manual_seed(0)
+    model = CMTLModel(_vit(), spec.adapter, mode="cil")
+    capture = Capture()
+    strategy = build_strategy(spec, model, cfg.strategy, evaluator=_evaluator(), plugins=[capture])
+    for exp in train:
+        strategy.train(exp)
+    mem_x, mem_y = capture.memory
+    assert len(mem_y) > 0 and set(mem_y.tolist()) == {0, 1}
+    new_x, new_y = (torch.cat(z) for z in zip(*eval_batches(train[1].dataset)))
+    x, y = torch.cat([mem_x, new_x]), torch.cat([mem_y, new_y])
+    model.eval()
+    if spec.adapter is not None:
+        model.set_fading(1.0)  # as the task started: its adapter's router on, at the identity
+    with torch.no_grad():
+        feats = model.forward_features(x)
+    heads = model.heads.heads
+    old_w, old_b = heads[0].weight.detach(), heads[0].bias.detach()
+    w = heads[1].weight.detach().clone().requires_grad_(True)
+    b = heads[1].bias.detach().clone().requires_grad_(True)
+    logits = torch.cat([feats @ old_w.T + old_b, feats @ w.T + b], dim=1)
+    loss = torch.nn.functional.cross_entropy(logits, y) + w.pow(2).sum() / (2 * len(y))
+    grad = float(torch.cat([g.flatten() for g in torch.autograd.grad(loss, [w, b])]).norm())
+    assert grad < 1e-3, grad
+
+
 def test_emtal_template_installs_plugin_and_merges_at_end_of_stream():
     from cmtl.strategies import EMTAL
 
