@@ -503,7 +503,8 @@ class StrategyConfig(_Section):
             classifier of its training images' features) or "probe" (as a logistic regression
             fitted to them: linear probing, then fine-tuning), for every strategy. Joint fits its
             heads before training: each task's own (task-incremental) or one classifier over all
-            classes (class-incremental).
+            classes (class-incremental). A class-incremental probe is fitted against the replay
+            memory's old classes too, where the strategy has one (emtal, der, replay).
         lwf_alpha: LwF distillation weight.
         lwf_temperature: LwF temperature.
         ewc_lambda: EWC penalty weight.
