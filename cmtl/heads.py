@@ -229,9 +229,9 @@ class TaskHeads(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`fit`'s old samples and the rows of the classes before `tasks`: (x, y, weight, bias)."""
         dim = like.shape[1]
-        none = (like.new_zeros(0, dim), torch.zeros(0, dtype=torch.long, device=like.device))
         if old is None or len(old[1]) == 0:
-            return (*none, like.new_zeros(0, dim), like.new_zeros(0))
+            no_rows = like.new_zeros(0, dim)
+            return no_rows, torch.zeros(0, dtype=torch.long, device=like.device), no_rows, like.new_zeros(0)
         if self.mode != "cil":
             raise ValueError("old samples join the fit only in class-incremental mode (one classifier)")
         x, y = old[0].detach().to(like), old[1].long().to(like.device)
