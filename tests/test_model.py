@@ -398,18 +398,7 @@ def test_class_incremental_heads_fit_as_one_classifier_and_task_heads_one_at_a_t
     assert float((til(x[y < 2], 0).argmax(1) == y[y < 2]).float().mean()) >= 0.95
 
 
-def _new_rows_gradient(heads, x, y):
-    """Gradient norm, in the newest task's rows, of cross-entropy over every class + |W_new|^2 / (2N)."""
-    new = heads.heads[-1]
-    old_w = torch.cat([h.weight.detach() for h in heads.heads[:-1]])
-    old_b = torch.cat([h.bias.detach() for h in heads.heads[:-1]])
-    w, b = new.weight.detach().clone().requires_grad_(True), new.bias.detach().clone().requires_grad_(True)
-    logits = torch.cat([x @ old_w.T + old_b, x @ w.T + b], dim=1)
-    loss = torch.nn.functional.cross_entropy(logits, y) + w.pow(2).sum() / (2 * len(y))
-    return float(torch.cat([g.flatten() for g in torch.autograd.grad(loss, [w, b])]).norm())
-
-
-def test_class_incremental_probe_is_fitted_against_the_old_classes_memory():
+def test_class_incremental_probe_is_fitted_against_the_old_classes_memory(new_rows_gradient):
     """With a replay memory of the old classes, the new rows are fitted in one softmax with the old
     (fixed) rows: the regularised cross-entropy over memory + new images has a vanishing gradient in
     the new rows. Fitted on the new classes alone, that gradient is large (the new logits are on a
@@ -433,7 +422,7 @@ def test_class_incremental_probe_is_fitted_against_the_old_classes_memory():
         assert heads.fit(x[new], y[new] - 2, old=old)
         assert all(torch.equal(p, q) for p, q in zip(heads.heads[0].parameters(), old_rows))
         both = torch.cat([memory, new.nonzero(as_tuple=True)[0]])
-        fitted[with_memory] = _new_rows_gradient(heads, x[both], y[both])
+        fitted[with_memory] = new_rows_gradient(heads, x[both], y[both])
     assert fitted[True] < 1e-3 < 1e-2 < fitted[False], fitted
     before = r"old class 3 is not one of the classes before heads range\(1, 2\) \(0..1\)"
     with pytest.raises(ValueError, match=before):
