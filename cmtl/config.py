@@ -487,6 +487,9 @@ class StrategyConfig(_Section):
         qr_weighting: "fixed" (qr_lambda and qr_ce_weight as given) or "classes" (both multiplied by
             classes in the buffer / classes of the current task, so every class seen weighs the same).
         qr_in_task: Also apply EMTAL's in-task QR (pull toward the class's high-quality logits).
+            Its weight is 1 / the task's running cross-entropy, so with `head_init: probe` (low
+            cross-entropy from the first step) it starts near `qr_in_task_max_weight` and can outweigh
+            the task's own loss: the class-incremental dev configs turn it off (benchmarks/RESULTS.md).
         qr_in_task_max_weight: Cap of the in-task QR weight, which is 1 / the task's running
             cross-entropy (so it grows as the task is learned).
         qr_bank_update: How the in-task target of a class follows training: "ema" (moving average
