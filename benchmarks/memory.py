@@ -1,5 +1,5 @@
 """Memory and size: trainable parameters per task for every strategy, QR buffer bytes per stored
-sample, and the peak RSS of a whole `cmtl run`.
+sample, classifier-alignment statistics bytes per class, and the peak RSS of a whole `cmtl run`.
 
     python benchmarks/memory.py [--run-config CONFIG] [--no-run] [--json FILE]
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from cmtl.alignment import ClassStatistics
 from cmtl.config import STRATEGY_NAMES, ExperimentConfig
 from cmtl.model import CMTLModel
 from cmtl.qr import STORAGES, QRBuffer, QRConfig
@@ -53,6 +54,13 @@ def buffer_bytes_per_sample(size: int, storage: str = "float32", classes: int = 
     return buf.nbytes() / len(buf)
 
 
+def alignment_bytes_per_class(dim: int, classes: int = 4) -> float:
+    """Bytes per class of `strategy.classifier_alignment`'s statistics (mean and covariance)."""
+    stats = ClassStatistics()
+    stats.update(torch.randn(classes * (dim + 1), dim), torch.arange(classes).repeat_interleave(dim + 1))
+    return sum(t.nbytes for t in stats.state_dict().values()) / classes
+
+
 def peak_rss_of_run(config: str | None) -> float:
     """MiB: the maximum resident set size of a `cmtl run` subprocess."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,6 +91,11 @@ def main() -> None:
             b = buffer_bytes_per_sample(size, storage)
             report["buffer_bytes_per_sample"][storage][f"{size}px"] = b
             print(f"QR buffer ({storage}) at {size}px, 10 classes: {b:,.0f} bytes per stored sample")
+    report["alignment_bytes_per_class"] = {}
+    for name, dim in (("tiny-32px", 192), ("vit-b16-224", 768)):
+        b = alignment_bytes_per_class(dim)
+        report["alignment_bytes_per_class"][name] = b
+        print(f"classifier alignment statistics, {name} ({dim} features): {b:,.0f} bytes per class")
     if not args.no_run:
         rss = peak_rss_of_run(args.run_config)
         report["peak_rss_mib"] = {"config": args.run_config or "default", "value": rss}

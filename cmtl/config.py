@@ -508,6 +508,13 @@ class StrategyConfig(_Section):
             heads before training: each task's own (task-incremental) or one classifier over all
             classes (class-incremental). A class-incremental probe is fitted against the replay
             memory's old classes too, where the strategy has one (emtal, der, replay).
+        classifier_alignment: Class-incremental: keep every class's feature mean and covariance from
+            the end of its task and, after every task, re-fit the whole head on samples of all
+            classes' Gaussians, as many per class (SLCA's classifier alignment, Zhang et al. 2023),
+            for every strategy but joint.
+        alignment_samples: Features sampled per class for that re-fit.
+        alignment_drift: Before that re-fit, move each old class's mean by how far its replay-memory
+            samples' features moved over the task (semantic drift compensation on the memory).
         lwf_alpha: LwF distillation weight.
         lwf_temperature: LwF temperature.
         ewc_lambda: EWC penalty weight.
@@ -549,6 +556,9 @@ class StrategyConfig(_Section):
     qr_distill_weight: str = "uniform"
     weight_aligning: bool = False
     head_init: str = "random"
+    classifier_alignment: bool = False
+    alignment_samples: int = 256
+    alignment_drift: bool = False
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
     ewc_lambda: float = 100.0
@@ -568,7 +578,7 @@ class StrategyConfig(_Section):
         _one_of(self, "head_init", HEAD_INITS)
         _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "backbone_lr", "qr_temperature")
         _positive(self, "lwf_temperature", "buffer_per_class", "checkpoint_every_epochs", "replay_batch_size")
-        _positive(self, "qr_in_task_max_weight")
+        _positive(self, "qr_in_task_max_weight", "alignment_samples")
         _non_negative(self, "weight_decay", "warmup_epochs", "buffer_size", "num_workers")
         _non_negative(self, "qr_lambda", "qr_ce_weight", "lwf_alpha", "ewc_lambda")
         if not 0.0 <= self.momentum < 1.0:

@@ -6,7 +6,7 @@ A training loop (or the Avalanche plugin in `cmtl.strategies`) calls, per task:
     for each step: ctl.on_step(total_steps); loss = ce + sum(ctl.losses(logits, y).values())
                    ...backward/step...; ctl.after_step(logits, y)
     after each epoch: ctl.record_pool()
-    ctl.end_task()
+    ctl.end_task(batches)   # batches: the task's training images, for classifier alignment
 and `ctl.end_stream()` at the end, which consolidates whatever is still open.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from cmtl.alignment import ClassStatistics, align_classifier, class_features
 from cmtl.heads import check_head_init
 from cmtl.model import CMTLModel
 from cmtl.qr import QRBuffer, QRConfig, class_balanced_indices
@@ -65,6 +66,13 @@ class EMTALConfig:
         head_init: "random" (small random weights), "prototype" (a new task's head starts as the
             nearest-class-mean classifier of its training images' features) or "probe" (as a
             logistic regression fitted to them); see `init_head`.
+        classifier_alignment: class-incremental only: after every task, keep the feature mean and
+            covariance of its classes and re-fit every head row on samples of all classes'
+            Gaussians (SLCA's classifier alignment; see `cmtl.alignment`).
+        alignment_samples: features sampled per class for that re-fit.
+        alignment_drift: before the re-fit, move each old class's mean by how far the features of
+            its memory samples moved over the task (semantic drift compensation, Yu et al. 2020,
+            measured on the replay memory instead of estimated from the new task's images).
     """
 
     fading_start: float = 0.0
@@ -74,9 +82,14 @@ class EMTALConfig:
     qr: QRConfig | None = field(default_factory=QRConfig)
     align_heads: bool = False
     head_init: str = "random"
+    classifier_alignment: bool = False
+    alignment_samples: int = 256
+    alignment_drift: bool = False
 
     def __post_init__(self) -> None:
         check_head_init(self.head_init)
+        if self.alignment_samples < 1:
+            raise ValueError(f"alignment_samples={self.alignment_samples} must be >= 1")
         if not 0.0 <= self.fading_start <= self.fading_end <= 1.0:
             raise ValueError(
                 f"fading_start={self.fading_start}, fading_end={self.fading_end}: need 0 <= start <= end <= 1"
@@ -94,6 +107,8 @@ class EMTALController:
         self.model = model
         self.config = config or EMTALConfig()
         self.qr = QRBuffer(self.config.qr) if self.config.qr is not None else None
+        self.stats = ClassStatistics() if self.config.classifier_alignment else None
+        self.memory_start: tuple[torch.Tensor, torch.Tensor] | None = None  # drift: features at task start
         self.pool_batch_size = pool_batch_size
         self.task = -1
         self.step = 0
@@ -131,6 +146,34 @@ class EMTALController:
         if old_batches is None:
             old_batches = self._buffer_batches()
         return init_heads(self.model, self.config.head_init, batches, old_batches=old_batches)
+
+    def note_memory(self, memory: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """With `alignment_drift`: the features of the replay memory (None: the QR buffer) as the task
+        starts, to measure at its end how far each old class's features moved."""
+        self.memory_start = None
+        if self.stats is None or not self.config.alignment_drift or self.model.mode != "cil":
+            return
+        feats, labels = class_features(self.model, self._buffer_batches() if memory is None else memory)
+        if len(labels):
+            self.memory_start = (feats, labels)
+
+    @torch.no_grad()
+    def compensate_drift(self, memory: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> int:
+        """Move every old class's stored mean by the mean change of its memory samples' features since
+        `note_memory` (same samples, same order: the memory does not change inside a task). Returns
+        the number of classes moved."""
+        if self.memory_start is None:
+            return 0
+        start, labels = self.memory_start
+        self.memory_start = None
+        end, end_labels = class_features(self.model, self._buffer_batches() if memory is None else memory)
+        if not torch.equal(end_labels, labels):
+            logger.warning("the replay memory changed inside task %d; no drift compensation", self.task)
+            return 0
+        moved = 0
+        for c in torch.unique(labels).tolist():
+            moved += self.stats.shift(c, (end[labels == c] - start[labels == c]).mean(0))
+        return moved
 
     def _buffer_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The QR buffer's (images, labels), `pool_batch_size` at a time."""
@@ -209,20 +252,42 @@ class EMTALController:
         logger.info("QR buffer after task %d: %d of %d records improved", self.task, replaced, len(self.qr))
         return replaced
 
-    def end_task(self) -> bool:
-        """Fade fully, fill the buffer, consolidate every `k` tasks (returns True if it merged) and,
-        with `qr.refresh`, let the buffer keep whatever logits of the final model are better."""
+    def end_task(
+        self,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        memory: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> bool:
+        """Fade fully, fill the buffer, consolidate every `k` tasks (returns True if it merged),
+        with `classifier_alignment` re-fit the class-incremental head on the class statistics
+        (`batches`: the task's un-augmented training images and classes) and, with `qr.refresh`,
+        let the buffer keep whatever logits of the final model are better. `memory`: the replay
+        memory `note_memory` saw (None: the QR buffer), for `alignment_drift`."""
         if self.adapter is not None:
             self.model.set_fading(0.0, self.adapter)
+        self.compensate_drift(memory)  # before the buffer takes the new task's samples
         if self.qr is not None and self.qr.pool_task == self.task:
             self.qr.end_task()
         if self.config.align_heads:
             self.model.heads.align_newest()
         self.tasks_since_merge += 1
         merged = self.tasks_since_merge >= self.config.consolidate_every and self.consolidate()
+        if self.stats is not None and self.model.mode == "cil":
+            self.align_classifier(batches)
         if self.qr is not None and self.qr.config.refresh:
             self.refresh_buffer()
         return merged
+
+    def align_classifier(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None) -> bool:
+        """Store the statistics of the task's classes, then re-fit the head on all classes' (see
+        `cmtl.alignment`). The features are the model's as the task ends (routers faded out)."""
+        if batches is not None:
+            feats, labels = class_features(self.model, batches)
+            if len(labels):
+                self.stats.update(feats, labels)
+        generator = torch.Generator().manual_seed(self.task)
+        done = align_classifier(self.model.heads, self.stats, self.config.alignment_samples, generator)
+        logger.info("classifier aligned after task %d on %d classes: %s", self.task, len(self.stats), done)
+        return done
 
     def consolidate(self) -> bool:
         if not self.model.open_adapters:
@@ -244,6 +309,10 @@ class EMTALController:
             qr = self.qr.state_dict()
             tensors = {f"qr.{k}": v for k, v in qr["tensors"].items()}
             meta["qr"] = qr["meta"]
+        if self.stats is not None:
+            tensors.update({f"stats.{k}": v for k, v in self.stats.state_dict().items()})
+        if self.memory_start is not None:
+            tensors["drift.features"], tensors["drift.labels"] = self.memory_start
         return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, state: dict) -> None:
@@ -255,6 +324,10 @@ class EMTALController:
         if self.qr is not None:
             qr_tensors = {k[3:]: v for k, v in tensors.items() if k.startswith("qr.")}
             self.qr.load_state_dict({"tensors": qr_tensors, "meta": meta["qr"]})
+        if self.stats is not None and "stats.classes" in tensors:
+            self.stats.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("stats.")})
+        if "drift.features" in tensors:
+            self.memory_start = (tensors["drift.features"], tensors["drift.labels"].long())
 
 
 @torch.no_grad()

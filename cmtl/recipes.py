@@ -100,6 +100,9 @@ def emtal_config(st: StrategyConfig, qr: QRConfig | None, fading: bool = True) -
         qr=qr,
         align_heads=st.weight_aligning,
         head_init=st.head_init,
+        classifier_alignment=st.classifier_alignment,
+        alignment_samples=st.alignment_samples,
+        alignment_drift=st.alignment_drift,
     )
 
 

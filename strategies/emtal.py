@@ -103,6 +103,7 @@ class EMTALPlugin(SupervisedPlugin):
         ctl.start_task(num_classes, pool_x, pool_y)
         if self.config.head_init != "random":
             ctl.init_head(eval_batches(exp.dataset, self.pool_batch_size), self._memory_batches(strategy))
+        ctl.note_memory(self._memory_batches(strategy))
 
     def _memory_batches(self, strategy) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
         """An Avalanche replay memory's samples (replay baseline), or None: the QR buffer's are used."""
@@ -127,8 +128,12 @@ class EMTALPlugin(SupervisedPlugin):
         self.controller.record_pool()
 
     def after_training_exp(self, strategy, **kwargs):
-        self.controller.end_task()
         exp = strategy.experience
+        aligning = self.config.classifier_alignment and self.controller.model.mode == "cil"
+        self.controller.end_task(
+            eval_batches(exp.dataset, self.pool_batch_size) if aligning else None,
+            self._memory_batches(strategy),
+        )
         stream = getattr(exp, "origin_stream", None)
         if stream is not None and exp.current_experience == len(stream) - 1:
             self.controller.end_stream()  # consolidate what `consolidate_every` left open

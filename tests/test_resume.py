@@ -58,6 +58,7 @@ def _assert_same_run(a_dir, b_dir):
         ["strategy.name=lwf"],
         ["strategy.name=der", "scenario.mode=cil"],
         ["strategy.head_init=probe", "scenario.mode=cil"],  # probe starts from the prototype head
+        ["strategy.classifier_alignment=true", "scenario.mode=cil"],  # class statistics in the checkpoint
         ["strategy.buffer_storage=uint8"],
     ],
     ids=lambda e: "-".join(x.split("=")[1] for x in e),
@@ -115,6 +116,8 @@ def _signal_inside_task(monkeypatch, task, epoch, step):
         # augmentation drawn in worker processes, whose seeds come from the epoch's RNG state
         (["strategy.num_workers=2", "scenario.augment=true"], 1, 1),
         (["strategy.qr_refresh=true", "strategy.qr_distill_weight=confidence"], 0, 2),
+        # class statistics and the memory's features at the task's start are in the checkpoint
+        (["scenario.mode=cil", "strategy.classifier_alignment=true", "strategy.alignment_drift=true"], 1, 1),
     ],
     ids=[
         "emtal-k2-mid",
@@ -126,6 +129,7 @@ def _signal_inside_task(monkeypatch, task, epoch, step):
         "emtal-prototype-heads",
         "emtal-2-workers",
         "emtal-refresh",
+        "emtal-cil-aligned-drift",
     ],
 )
 def test_interrupted_inside_a_task_resumes_to_identical_results(tmp_path, monkeypatch, extra, epoch, step):

@@ -1,0 +1,152 @@
+"""Classifier alignment for class-incremental heads: re-fit every row on class-wise feature Gaussians.
+
+A class-incremental head trained task by task leans toward the classes it saw last: the newest
+rows were trained on all of their images, the older ones only on a small replay memory. Slow
+Learner with Classifier Alignment (SLCA, Zhang et al., ICCV 2023) stores each class's feature mean
+and covariance at the end of its task, and after every task re-fits the classifier on features
+sampled from those Gaussians, the same number for every class seen, so no class is favoured by how
+many of its images are still around.
+
+`ClassStatistics` keeps the Gaussians (tensors only, so they checkpoint like the rest of a run);
+`align_classifier` does the re-fit, through `TaskHeads.fit` (logistic regression by L-BFGS from the
+current rows). The statistics are taken with the model as it is when the class's task ends; later
+tasks move the features of old classes, which this does not correct, so it suits methods whose
+features move little (a low-rank adapter per task, merged, as in EMTAL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from cmtl.heads import TaskHeads
+
+# Covariance shrinkage toward its mean variance: a class's covariance comes from a few hundred images
+# (60 in the dev streams) in hundreds of dimensions, so it is singular without it
+SHRINKAGE = 0.1
+
+
+class ClassStatistics:
+    """Feature mean and (shrunk) covariance per class, by global class index."""
+
+    def __init__(self, shrinkage: float = SHRINKAGE):
+        if not 0.0 <= shrinkage <= 1.0:
+            raise ValueError(f"shrinkage={shrinkage} must be in [0, 1]")
+        self.shrinkage = shrinkage
+        self.classes = torch.zeros(0, dtype=torch.long)
+        self.means = torch.zeros(0, 0)
+        self.covs = torch.zeros(0, 0, 0)
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        """Store (or replace) the statistics of every class in `labels`; returns those classes.
+
+        A class needs at least two samples (one gives no covariance); classes with fewer are skipped.
+        """
+        features, labels = features.detach().double().cpu(), labels.detach().long().cpu()
+        if features.ndim != 2 or labels.shape != (features.shape[0],):
+            raise ValueError(
+                f"features {tuple(features.shape)} / labels {tuple(labels.shape)}: need N x D and N"
+            )
+        if len(self) and features.shape[1] != self.means.shape[1]:
+            raise ValueError(
+                f"features have {features.shape[1]} dimensions, the statistics {self.means.shape[1]}"
+            )
+        done = []
+        for c in torch.unique(labels).tolist():
+            x = features[labels == c]
+            if len(x) < 2:
+                continue
+            mean, cov = x.mean(0), torch.cov(x.T, correction=1).reshape(x.shape[1], x.shape[1])
+            iso = torch.diagonal(cov).mean() * torch.eye(x.shape[1], dtype=cov.dtype)
+            self._put(c, mean.float(), ((1 - self.shrinkage) * cov + self.shrinkage * iso).float())
+            done.append(c)
+        return done
+
+    def _put(self, c: int, mean: torch.Tensor, cov: torch.Tensor) -> None:
+        hit = (self.classes == c).nonzero(as_tuple=True)[0]
+        if len(hit):
+            self.means[hit[0]], self.covs[hit[0]] = mean, cov
+            return
+        if not len(self):
+            self.means, self.covs = mean.new_zeros(0, len(mean)), cov.new_zeros(0, *cov.shape)
+        self.classes = torch.cat([self.classes, torch.tensor([c])])
+        self.means = torch.cat([self.means, mean[None]])
+        self.covs = torch.cat([self.covs, cov[None]])
+
+    @torch.no_grad()
+    def shift(self, c: int, delta: torch.Tensor) -> int:
+        """Move class `c`'s mean by `delta` (its features drifted); 1, or 0 if `c` has no statistics."""
+        hit = (self.classes == c).nonzero(as_tuple=True)[0]
+        if not len(hit):
+            return 0
+        self.means[hit[0]] += delta.to(self.means)
+        return 1
+
+    @torch.no_grad()
+    def sample(
+        self, per_class: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`per_class` features drawn from every stored class's Gaussian, and their classes."""
+        if per_class < 1:
+            raise ValueError(f"per_class={per_class} must be >= 1")
+        chol = torch.linalg.cholesky(self.covs.double())  # shrinkage > 0 keeps them positive definite
+        z = torch.randn(len(self), per_class, self.means.shape[1], generator=generator, dtype=torch.float64)
+        x = self.means.double()[:, None, :] + z @ chol.transpose(1, 2)
+        return x.reshape(-1, x.shape[-1]).float(), self.classes.repeat_interleave(per_class)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"classes": self.classes, "means": self.means, "covs": self.covs}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        classes, means, covs = state["classes"], state["means"], state["covs"]
+        if means.shape[:1] != classes.shape or covs.shape[:1] != classes.shape:
+            raise ValueError(
+                f"statistics of {len(classes)} classes with {len(means)} means, {len(covs)} covariances"
+            )
+        self.classes, self.means, self.covs = classes.long(), means.float(), covs.float()
+
+
+@torch.no_grad()
+def class_features(
+    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-logit features (`model.forward_features`) and labels of every batch, in eval mode."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    try:
+        pairs = [
+            (model.forward_features(x.to(device)).float().cpu(), torch.as_tensor(y).long())
+            for x, y in batches
+        ]
+    finally:
+        model.train(was_training)
+    if not pairs:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat([f for f, _ in pairs]), torch.cat([y for _, y in pairs])
+
+
+def align_classifier(
+    heads: TaskHeads,
+    stats: ClassStatistics,
+    per_class: int = 256,
+    generator: torch.Generator | None = None,
+    max_iter: int = 100,
+) -> bool:
+    """Re-fit every row of a class-incremental head on `per_class` samples of each class's Gaussian.
+
+    Starts from the current rows (`TaskHeads.fit`). Returns False (nothing changed) for a
+    task-incremental head, fewer than two classes with statistics, or a fit that did not stay finite.
+    """
+    if heads.mode != "cil" or len(stats) < 2:
+        return False
+    n = heads.num_classes
+    if int(stats.classes.max()) >= n:
+        raise ValueError(f"statistics for class {int(stats.classes.max())}, but the head has {n} classes")
+    x, y = stats.sample(per_class, generator)
+    weight = next(heads.parameters())
+    return heads.fit(x.to(weight), y.to(weight.device), max_iter=max_iter, tasks=range(0, len(heads.heads)))

@@ -1,0 +1,180 @@
+"""Classifier alignment: class Gaussians, the re-fit of a class-incremental head, and the controller's use."""
+
+import pytest
+import torch
+
+from cmtl.alignment import ClassStatistics, align_classifier
+from cmtl.heads import TaskHeads
+
+
+def _blobs(n_classes=4, per_class=200, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = 3.0 * torch.randn(n_classes, dim, generator=g)
+    x = centres.repeat_interleave(per_class, 0) + torch.randn(n_classes * per_class, dim, generator=g)
+    return x, torch.arange(n_classes).repeat_interleave(per_class)
+
+
+def test_statistics_are_the_class_mean_and_shrunk_covariance_and_replace_on_update():
+    x, y = _blobs()
+    stats = ClassStatistics(shrinkage=0.0)
+    assert stats.update(x, y) == [0, 1, 2, 3]
+    assert torch.allclose(stats.means[2], x[y == 2].mean(0), atol=1e-5)
+    assert torch.allclose(stats.covs[2], torch.cov(x[y == 2].T), atol=1e-4)
+    shrunk = ClassStatistics(shrinkage=0.5)
+    shrunk.update(x, y)
+    cov = torch.cov(x[y == 1].T)
+    iso = torch.diagonal(cov).mean() * torch.eye(8)
+    assert torch.allclose(shrunk.covs[1], 0.5 * cov + 0.5 * iso, atol=1e-4)
+    # a class seen again (its task trained again, or a resumed run) is replaced, not duplicated
+    stats.update(x[y == 2] + 10.0, y[y == 2])
+    assert stats.classes.tolist() == [0, 1, 2, 3]
+    assert torch.allclose(stats.means[2], x[y == 2].mean(0) + 10.0, atol=1e-5)
+    assert stats.update(x[:1], y[:1]) == []  # one sample gives no covariance: skipped
+
+
+def test_samples_follow_each_class_gaussian_and_state_round_trips():
+    x, y = _blobs(n_classes=3, per_class=500)
+    stats = ClassStatistics()
+    stats.update(x, y)
+    sx, sy = stats.sample(4000, torch.Generator().manual_seed(1))
+    assert sx.shape == (12000, 8) and sy.tolist() == [0] * 4000 + [1] * 4000 + [2] * 4000
+    for c in range(3):
+        assert torch.allclose(sx[sy == c].mean(0), stats.means[c], atol=0.1)
+        assert torch.allclose(torch.cov(sx[sy == c].T), stats.covs[c], atol=0.15)
+    again = ClassStatistics()
+    again.load_state_dict(stats.state_dict())
+    assert torch.equal(
+        again.sample(5, torch.Generator().manual_seed(2))[0],
+        stats.sample(5, torch.Generator().manual_seed(2))[0],
+    )
+
+
+def test_bad_statistics_inputs_name_the_value():
+    with pytest.raises(ValueError, match="shrinkage=2"):
+        ClassStatistics(shrinkage=2)
+    stats = ClassStatistics()
+    with pytest.raises(ValueError, match="need N x D"):
+        stats.update(torch.zeros(4, 3), torch.zeros(5))
+    stats.update(*_blobs(n_classes=2, per_class=5, dim=3))
+    with pytest.raises(ValueError, match="4 dimensions, the statistics 3"):
+        stats.update(torch.zeros(4, 4), torch.zeros(4))
+    with pytest.raises(ValueError, match="per_class=0"):
+        stats.sample(0)
+
+
+def test_alignment_removes_a_recency_bias_of_the_head():
+    """Old rows fitted, new rows pushed up by a large bias (the lean toward the classes trained
+    last): accuracy on the old classes collapses. Re-fitted on the class Gaussians, every class is
+    recognised again, and the balanced accuracy is back near a probe fitted on all the data."""
+    x, y = _blobs(n_classes=4, per_class=300, dim=8)
+    heads = TaskHeads(8, mode="cil")
+    heads.add_task(2)
+    heads.add_task(2)
+    assert heads.fit(x, y, tasks=range(0, 2))
+    with torch.no_grad():
+        heads.heads[1].bias.add_(25.0)
+    per_class = lambda: [float((heads(x[y == c]).argmax(1) == c).float().mean()) for c in range(4)]  # noqa: E731
+    biased = per_class()
+    assert max(biased[:2]) < 0.2 and min(biased[2:]) > 0.9
+    stats = ClassStatistics()
+    stats.update(x, y)
+    assert align_classifier(heads, stats, per_class=256, generator=torch.Generator().manual_seed(0))
+    aligned = per_class()
+    assert min(aligned) > 0.9, aligned
+
+
+def test_alignment_leaves_task_incremental_heads_and_single_classes_alone():
+    x, y = _blobs(n_classes=2, per_class=50)
+    til = TaskHeads(8, mode="til")
+    til.add_task(2)
+    w = til.heads[0].weight.clone()
+    stats = ClassStatistics()
+    stats.update(x, y)
+    assert not align_classifier(til, stats) and torch.equal(til.heads[0].weight, w)
+    cil = TaskHeads(8, mode="cil")
+    cil.add_task(2)
+    one = ClassStatistics()
+    one.update(x[y == 0], y[y == 0])
+    assert not align_classifier(cil, one)
+    too_many = ClassStatistics()
+    too_many.update(x, y + 5)
+    with pytest.raises(ValueError, match="class 6, but the head has 2 classes"):
+        align_classifier(cil, too_many)
+
+
+def test_controller_keeps_statistics_per_task_and_checkpoints_them():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cmtl.continual import EMTALConfig, EMTALController
+    from cmtl.model import AdapterConfig, CMTLModel
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    model = CMTLModel(vit, AdapterConfig(num_experts=4, rank=2), mode="cil")
+    ctl = EMTALController(model, EMTALConfig(qr=None, classifier_alignment=True, alignment_samples=32))
+    images = torch.randn(24, 3, 16, 16)
+    for task in range(2):
+        ctl.start_task(2)
+        labels = torch.arange(2 * task, 2 * task + 2).repeat(12)
+        before = torch.cat([h.weight.detach().clone() for h in model.heads.heads])
+        ctl.end_task([(images[:12] + task, labels[:12]), (images[12:] + task, labels[12:])])
+        after = torch.cat([h.weight.detach() for h in model.heads.heads])
+        assert ctl.stats.classes.tolist() == list(range(2 * task + 2))
+        assert not torch.equal(before, after)  # the head was re-fitted
+    state = ctl.state_dict()
+    fresh = EMTALController(model, EMTALConfig(qr=None, classifier_alignment=True))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.stats.means, ctl.stats.means) and torch.equal(fresh.stats.covs, ctl.stats.covs)
+
+
+@pytest.mark.parametrize("name", ["emtal", "replay"])
+def test_plugin_aligns_every_strategy_with_a_class_incremental_head(name):
+    """The Avalanche path: statistics of each experience's classes, taken on its un-augmented
+    training images; EMTAL and a full fine-tuning baseline (replay) alike."""
+    from cmtl.strategies import build_strategy, find_emtal_plugin
+    from test_strategies import _evaluator, _small_cfg, _stream, _vit
+
+    from cmtl.model import CMTLModel
+    from cmtl.recipes import strategy_spec
+
+    cfg = _small_cfg()
+    cfg.strategy.classifier_alignment, cfg.strategy.alignment_samples = True, 16
+    spec = strategy_spec(name, cfg.model, cfg.strategy)
+    torch.manual_seed(0)
+    model = CMTLModel(_vit(), spec.adapter, mode="cil")
+    strategy = build_strategy(spec, model, cfg.strategy, evaluator=_evaluator())
+    stream = _stream("cil", n_tasks=2, max_per_class=12)
+    seen: set[int] = set()
+    for exp in stream.benchmark.train_stream:
+        strategy.train(exp)
+        seen |= set(exp.classes_in_this_experience)
+        assert find_emtal_plugin(strategy).controller.stats.classes.tolist() == sorted(seen)
+
+
+def test_drift_compensation_moves_old_means_by_their_memory_samples_drift():
+    """Features that moved by +1 in every dimension over a task (the final norm's bias changed)
+    move the stored means of the classes in the memory by exactly that; a class without memory
+    samples keeps its mean."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cmtl.continual import EMTALConfig, EMTALController
+    from cmtl.model import CMTLModel
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    model = CMTLModel(vit, None, mode="cil")
+    cfg = EMTALConfig(qr=None, classifier_alignment=True, alignment_drift=True)
+    ctl = EMTALController(model, cfg)
+    ctl.start_task(3)
+    images, labels = torch.randn(30, 3, 16, 16), torch.arange(3).repeat(10)
+    ctl.end_task([(images, labels)])
+    before = ctl.stats.means.clone()
+    memory = [(images[labels < 2], labels[labels < 2])]  # class 2 has no memory samples
+    ctl.start_task(2)
+    ctl.note_memory(memory)
+    with torch.no_grad():
+        model.backbone.norm.bias.add_(1.0)
+    assert ctl.compensate_drift(memory) == 2
+    assert torch.allclose(ctl.stats.means[:2], before[:2] + 1.0, atol=1e-4)
+    assert torch.equal(ctl.stats.means[2], before[2])
+    assert ctl.compensate_drift(memory) == 0  # measured once per task
