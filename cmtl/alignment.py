@@ -10,13 +10,12 @@ many of its images are still around.
 `ClassStatistics` keeps the Gaussians (tensors only, so they checkpoint like the rest of a run);
 `align_classifier` does the re-fit, through `TaskHeads.fit` (logistic regression by L-BFGS from the
 current rows). The statistics are taken with the model as it is when the class's task ends; later
-tasks move the features of old classes, which this does not correct, so it suits methods whose
-features move little (a low-rank adapter per task, merged, as in EMTAL).
+tasks move the features of old classes, and stale means mislead the re-fit wherever they move
+much: `ClassStatistics.shift` lets a caller correct them (`EMTALController.compensate_drift`
+measures the drift on the replay memory).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 
@@ -109,25 +108,6 @@ class ClassStatistics:
                 f"statistics of {len(classes)} classes with {len(means)} means, {len(covs)} covariances"
             )
         self.classes, self.means, self.covs = classes.long(), means.float(), covs.float()
-
-
-@torch.no_grad()
-def class_features(
-    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-logit features (`model.forward_features`) and labels of every batch, in eval mode."""
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
-    try:
-        pairs = [
-            (model.forward_features(x.to(device)).float().cpu(), torch.as_tensor(y).long())
-            for x, y in batches
-        ]
-    finally:
-        model.train(was_training)
-    if not pairs:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    return torch.cat([f for f, _ in pairs]), torch.cat([y for _, y in pairs])
 
 
 def align_classifier(

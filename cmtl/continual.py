@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cmtl.alignment import ClassStatistics, align_classifier, class_features
+from cmtl.alignment import ClassStatistics, align_classifier
 from cmtl.heads import check_head_init
 from cmtl.model import CMTLModel
 from cmtl.qr import QRBuffer, QRConfig, class_balanced_indices
@@ -37,6 +37,22 @@ def _evaluating(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def class_features(
+    model: CMTLModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-logit features (on the CPU) and labels of every batch, in eval mode."""
+    device = next(model.parameters()).device
+    with _evaluating(model):
+        pairs = [
+            (model.forward_features(x.to(device)).float().cpu(), torch.as_tensor(y).long())
+            for x, y in batches
+        ]
+    if not pairs:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat([f for f, _ in pairs]), torch.cat([y for _, y in pairs])
 
 
 def fading_coefficient(step: int, total: int, start: float = 0.0, end: float = 0.55) -> float:

@@ -129,10 +129,9 @@ class EMTALPlugin(SupervisedPlugin):
 
     def after_training_exp(self, strategy, **kwargs):
         exp = strategy.experience
-        aligning = self.config.classifier_alignment and self.controller.model.mode == "cil"
+        # both are lazy: read only where the controller aligns the classifier
         self.controller.end_task(
-            eval_batches(exp.dataset, self.pool_batch_size) if aligning else None,
-            self._memory_batches(strategy),
+            eval_batches(exp.dataset, self.pool_batch_size), self._memory_batches(strategy)
         )
         stream = getattr(exp, "origin_stream", None)
         if stream is not None and exp.current_experience == len(stream) - 1:
