@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from cmtl.alignment import ClassStatistics
+from cmtl.alignment import COVARIANCES, ClassStatistics
 from cmtl.config import STRATEGY_NAMES, ExperimentConfig
 from cmtl.model import CMTLModel
 from cmtl.qr import STORAGES, QRBuffer, QRConfig
@@ -54,11 +54,14 @@ def buffer_bytes_per_sample(size: int, storage: str = "float32", classes: int = 
     return buf.nbytes() / len(buf)
 
 
-def alignment_bytes_per_class(dim: int, classes: int = 4) -> float:
-    """Bytes per class of `strategy.classifier_alignment`'s statistics (mean and covariance)."""
-    stats = ClassStatistics()
+def alignment_bytes(dim: int, covariance: str, classes: int = 4) -> tuple[float, float]:
+    """Bytes of `strategy.classifier_alignment`'s statistics under `alignment_covariance`: per class
+    (mean, and the class's own covariance or variances) and once (a shared covariance)."""
+    stats = ClassStatistics(covariance=covariance)
     stats.update(torch.randn(classes * (dim + 1), dim), torch.arange(classes).repeat_interleave(dim + 1))
-    return sum(t.nbytes for t in stats.state_dict().values()) / classes
+    total = sum(t.nbytes for t in stats.state_dict().values())
+    fixed = stats.covs.nbytes + stats.scatter_dof.nbytes if covariance == "shared" else 0
+    return (total - fixed) / classes, float(fixed)
 
 
 def peak_rss_of_run(config: str | None) -> float:
@@ -91,11 +94,16 @@ def main() -> None:
             b = buffer_bytes_per_sample(size, storage)
             report["buffer_bytes_per_sample"][storage][f"{size}px"] = b
             print(f"QR buffer ({storage}) at {size}px, 10 classes: {b:,.0f} bytes per stored sample")
-    report["alignment_bytes_per_class"] = {}
+    report["alignment_bytes"] = {}
     for name, dim in (("tiny-32px", 192), ("vit-b16-224", 768)):
-        b = alignment_bytes_per_class(dim)
-        report["alignment_bytes_per_class"][name] = b
-        print(f"classifier alignment statistics, {name} ({dim} features): {b:,.0f} bytes per class")
+        report["alignment_bytes"][name] = {}
+        for covariance in COVARIANCES:
+            per_class, fixed = alignment_bytes(dim, covariance)
+            report["alignment_bytes"][name][covariance] = {"per_class": per_class, "fixed": fixed}
+            print(
+                f"classifier alignment statistics, {name} ({dim} features), {covariance} covariance: "
+                f"{per_class:,.0f} bytes per class + {fixed:,.0f}"
+            )
     if not args.no_run:
         rss = peak_rss_of_run(args.run_config)
         report["peak_rss_mib"] = {"config": args.run_config or "default", "value": rss}

@@ -24,21 +24,44 @@ from cmtl.heads import TaskHeads
 # Covariance shrinkage toward its mean variance: a class's covariance comes from a few hundred images
 # (60 in the dev streams) in hundreds of dimensions, so it is singular without it
 SHRINKAGE = 0.1
+# How a class's spread is kept: "full" its own D x D covariance (D^2 numbers per class: 2.4 MB at
+# 768 features), "diagonal" its own variances (D per class), "shared" one covariance pooled over all
+# classes' within-class scatter (D^2 once: linear discriminant analysis' assumption)
+COVARIANCES = ("full", "diagonal", "shared")
+
+
+def check_covariance(covariance: str) -> str:
+    """`covariance` if it is one of `COVARIANCES`, else ValueError naming the valid ones."""
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance {covariance!r} is unknown; valid: {', '.join(COVARIANCES)}")
+    return covariance
 
 
 class ClassStatistics:
-    """Feature mean and (shrunk) covariance per class, by global class index."""
+    """Feature mean and (shrunk) covariance per class, by global class index.
 
-    def __init__(self, shrinkage: float = SHRINKAGE):
+    `covariance` (see `COVARIANCES`) sets what `covs` holds: C x D x D per-class covariances, C x D
+    per-class variances, or one D x D covariance shared by every class. Shared statistics pool
+    every update's scatter (a class updated twice counts twice in it; its mean is replaced).
+    """
+
+    def __init__(self, shrinkage: float = SHRINKAGE, covariance: str = "full"):
         if not 0.0 <= shrinkage <= 1.0:
             raise ValueError(f"shrinkage={shrinkage} must be in [0, 1]")
         self.shrinkage = shrinkage
+        self.covariance = check_covariance(covariance)
         self.classes = torch.zeros(0, dtype=torch.long)
         self.means = torch.zeros(0, 0)
-        self.covs = torch.zeros(0, 0, 0)
+        # full: C x D x D; diagonal: C x D; shared: the D x D sum of every class's scatter
+        self.covs = torch.zeros((0, 0, 0) if covariance == "full" else (0, 0), dtype=torch.float64)
+        self.scatter_dof = torch.zeros((), dtype=torch.float64)  # shared: degrees of freedom pooled so far
 
     def __len__(self) -> int:
         return len(self.classes)
+
+    def _shrink(self, cov: torch.Tensor) -> torch.Tensor:
+        iso = torch.diagonal(cov).mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+        return (1 - self.shrinkage) * cov + self.shrinkage * iso
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> list[int]:
@@ -60,22 +83,41 @@ class ClassStatistics:
             x = features[labels == c]
             if len(x) < 2:
                 continue
-            mean, cov = x.mean(0), torch.cov(x.T, correction=1).reshape(x.shape[1], x.shape[1])
-            iso = torch.diagonal(cov).mean() * torch.eye(x.shape[1], dtype=cov.dtype)
-            self._put(c, mean.float(), ((1 - self.shrinkage) * cov + self.shrinkage * iso).float())
+            mean = x.mean(0)
+            centred = x - mean
+            if self.covariance == "shared":
+                scatter = centred.T @ centred
+                self.covs = scatter if not self.covs.numel() else self.covs + scatter
+                self.scatter_dof = self.scatter_dof + (len(x) - 1)
+                spread = None
+            else:
+                cov = self._shrink(centred.T @ centred / (len(x) - 1))
+                spread = (torch.diagonal(cov) if self.covariance == "diagonal" else cov).float()
+            self._put(c, mean.float(), spread)
             done.append(c)
         return done
 
-    def _put(self, c: int, mean: torch.Tensor, cov: torch.Tensor) -> None:
+    def _put(self, c: int, mean: torch.Tensor, spread: torch.Tensor | None) -> None:
         hit = (self.classes == c).nonzero(as_tuple=True)[0]
         if len(hit):
-            self.means[hit[0]], self.covs[hit[0]] = mean, cov
+            self.means[hit[0]] = mean
+            if spread is not None:
+                self.covs[hit[0]] = spread
             return
         if not len(self):
-            self.means, self.covs = mean.new_zeros(0, len(mean)), cov.new_zeros(0, *cov.shape)
+            self.means = mean.new_zeros(0, len(mean))
+            if spread is not None:
+                self.covs = spread.new_zeros(0, *spread.shape)
         self.classes = torch.cat([self.classes, torch.tensor([c])])
         self.means = torch.cat([self.means, mean[None]])
-        self.covs = torch.cat([self.covs, cov[None]])
+        if spread is not None:
+            self.covs = torch.cat([self.covs, spread[None]])
+
+    def shared_covariance(self) -> torch.Tensor:
+        """The shrunk pooled within-class covariance ("shared" statistics only)."""
+        if self.covariance != "shared" or not len(self):
+            raise ValueError(f"no shared covariance in {self.covariance!r} statistics of {len(self)} classes")
+        return self._shrink(self.covs / self.scatter_dof.clamp(min=1.0))
 
     @torch.no_grad()
     def shift(self, c: int, delta: torch.Tensor) -> int:
@@ -93,21 +135,42 @@ class ClassStatistics:
         """`per_class` features drawn from every stored class's Gaussian, and their classes."""
         if per_class < 1:
             raise ValueError(f"per_class={per_class} must be >= 1")
-        chol = torch.linalg.cholesky(self.covs.double())  # shrinkage > 0 keeps them positive definite
         z = torch.randn(len(self), per_class, self.means.shape[1], generator=generator, dtype=torch.float64)
-        x = self.means.double()[:, None, :] + z @ chol.transpose(1, 2)
+        if self.covariance == "diagonal":
+            z = z * self.covs.double().clamp(min=0.0).sqrt()[:, None, :]
+        else:  # shrinkage > 0 keeps the covariances positive definite
+            covs = self.shared_covariance()[None] if self.covariance == "shared" else self.covs.double()
+            z = z @ torch.linalg.cholesky(covs).transpose(1, 2)
+        x = self.means.double()[:, None, :] + z
         return x.reshape(-1, x.shape[-1]).float(), self.classes.repeat_interleave(per_class)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"classes": self.classes, "means": self.means, "covs": self.covs}
+        state = {"classes": self.classes, "means": self.means, "covs": self.covs}
+        if self.covariance == "shared":
+            state["scatter_dof"] = self.scatter_dof
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         classes, means, covs = state["classes"], state["means"], state["covs"]
-        if means.shape[:1] != classes.shape or covs.shape[:1] != classes.shape:
-            raise ValueError(
-                f"statistics of {len(classes)} classes with {len(means)} means, {len(covs)} covariances"
+        per_class = {"full": 3, "diagonal": 2}.get(self.covariance)
+        if per_class is None:
+            ok = means.shape[:1] == classes.shape and covs.ndim == 2 and "scatter_dof" in state
+        else:
+            ok = (
+                means.shape[:1] == classes.shape
+                and covs.shape[:1] == classes.shape
+                and covs.ndim == per_class
             )
-        self.classes, self.means, self.covs = classes.long(), means.float(), covs.float()
+        if not ok:
+            raise ValueError(
+                f"statistics of {len(classes)} classes with means {tuple(means.shape)} and covariances "
+                f"{tuple(covs.shape)} do not fit {self.covariance!r} statistics (alignment_covariance)"
+            )
+        self.classes, self.means = classes.long(), means.float()
+        if per_class is None:
+            self.covs, self.scatter_dof = covs.double(), state["scatter_dof"].double()
+        else:
+            self.covs = covs.float()
 
 
 def align_classifier(

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Union
 import yaml
 
 from cmtl import optim
+from cmtl.alignment import COVARIANCES
 from cmtl.heads import HEAD_INITS
 from cmtl.losses import list_distill_losses
 from cmtl.qr import BANK_UPDATES, DISTILL_WEIGHTS, SELECTIONS, STORAGES, WEIGHTINGS
@@ -513,6 +514,9 @@ class StrategyConfig(_Section):
             classes' Gaussians, as many per class (SLCA's classifier alignment, Zhang et al. 2023),
             for every strategy but joint.
         alignment_samples: Features sampled per class for that re-fit.
+        alignment_covariance: What the statistics keep of a class's spread: "full" (its own
+            covariance, features^2 numbers per class), "diagonal" (its own variances) or "shared"
+            (one covariance pooled over all classes, stored once).
         alignment_drift: Before that re-fit, move each old class's mean by how far its replay-memory
             samples' features moved over the task (semantic drift compensation on the memory).
         lwf_alpha: LwF distillation weight.
@@ -558,6 +562,7 @@ class StrategyConfig(_Section):
     head_init: str = "random"
     classifier_alignment: bool = False
     alignment_samples: int = 256
+    alignment_covariance: str = "full"
     alignment_drift: bool = False
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
@@ -576,6 +581,7 @@ class StrategyConfig(_Section):
         _one_of(self, "qr_bank_update", BANK_UPDATES)
         _one_of(self, "qr_distill_weight", DISTILL_WEIGHTS)
         _one_of(self, "head_init", HEAD_INITS)
+        _one_of(self, "alignment_covariance", COVARIANCES)
         _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "backbone_lr", "qr_temperature")
         _positive(self, "lwf_temperature", "buffer_per_class", "checkpoint_every_epochs", "replay_batch_size")
         _positive(self, "qr_in_task_max_weight", "alignment_samples")

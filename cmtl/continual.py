@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cmtl.alignment import ClassStatistics, align_classifier
+from cmtl.alignment import ClassStatistics, align_classifier, check_covariance
 from cmtl.heads import check_head_init
 from cmtl.model import CMTLModel
 from cmtl.qr import QRBuffer, QRConfig, class_balanced_indices
@@ -86,6 +86,7 @@ class EMTALConfig:
             covariance of its classes and re-fit every head row on samples of all classes'
             Gaussians (SLCA's classifier alignment; see `cmtl.alignment`).
         alignment_samples: features sampled per class for that re-fit.
+        alignment_covariance: "full", "diagonal" or "shared" (see `cmtl.alignment.ClassStatistics`).
         alignment_drift: before the re-fit, move each old class's mean by how far the features of
             its memory samples moved over the task (semantic drift compensation, Yu et al. 2020,
             measured on the replay memory instead of estimated from the new task's images).
@@ -100,10 +101,12 @@ class EMTALConfig:
     head_init: str = "random"
     classifier_alignment: bool = False
     alignment_samples: int = 256
+    alignment_covariance: str = "full"
     alignment_drift: bool = False
 
     def __post_init__(self) -> None:
         check_head_init(self.head_init)
+        check_covariance(self.alignment_covariance)
         if self.alignment_samples < 1:
             raise ValueError(f"alignment_samples={self.alignment_samples} must be >= 1")
         if not 0.0 <= self.fading_start <= self.fading_end <= 1.0:
@@ -123,7 +126,11 @@ class EMTALController:
         self.model = model
         self.config = config or EMTALConfig()
         self.qr = QRBuffer(self.config.qr) if self.config.qr is not None else None
-        self.stats = ClassStatistics() if self.config.classifier_alignment else None
+        self.stats = (
+            ClassStatistics(covariance=self.config.alignment_covariance)
+            if self.config.classifier_alignment
+            else None
+        )
         self.memory_start: tuple[torch.Tensor, torch.Tensor] | None = None  # drift: features at task start
         self.pool_batch_size = pool_batch_size
         self.task = -1

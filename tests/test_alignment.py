@@ -49,9 +49,52 @@ def test_samples_follow_each_class_gaussian_and_state_round_trips():
     )
 
 
+def test_diagonal_statistics_keep_each_class_variances_and_sample_independent_dimensions():
+    x, y = _blobs(n_classes=2, per_class=400)
+    x = x * torch.linspace(0.5, 3.0, 8)  # unequal variances per dimension
+    full, diag = ClassStatistics(), ClassStatistics(covariance="diagonal")
+    full.update(x, y)
+    diag.update(x, y)
+    assert diag.covs.shape == (2, 8) and torch.allclose(diag.means, full.means)
+    assert torch.allclose(diag.covs, torch.diagonal(full.covs, dim1=1, dim2=2), atol=1e-5)
+    sx, sy = diag.sample(5000, torch.Generator().manual_seed(0))
+    cov = torch.cov(sx[sy == 1].T)
+    assert torch.allclose(torch.diagonal(cov), diag.covs[1], rtol=0.1)
+    corr = torch.corrcoef(sx[sy == 1].T)
+    assert (corr - torch.eye(8)).abs().max() < 0.1  # independent dimensions (sampling error ~0.014)
+
+
+def test_shared_statistics_pool_every_class_scatter_into_one_covariance():
+    x, y = _blobs(n_classes=3, per_class=300)
+    mix = torch.randn(8, 8, generator=torch.Generator().manual_seed(3))
+    x = x @ mix  # correlated dimensions: a shared full covariance, not a diagonal one
+    stats = ClassStatistics(shrinkage=0.0, covariance="shared")
+    stats.update(x[y < 2], y[y < 2])  # two tasks: the scatter accumulates over updates
+    stats.update(x[y == 2], y[y == 2])
+    centred = torch.cat([x[y == c] - x[y == c].mean(0) for c in range(3)])
+    pooled = centred.T.double() @ centred.double() / (len(x) - 3)
+    assert stats.covs.shape == (8, 8) and float(stats.scatter_dof) == len(x) - 3
+    assert torch.allclose(stats.shared_covariance(), pooled, rtol=1e-4, atol=1e-4)
+    sx, sy = stats.sample(6000, torch.Generator().manual_seed(1))
+    for c in range(3):
+        assert torch.allclose(sx[sy == c].mean(0), x[y == c].mean(0), atol=0.2)
+    assert torch.allclose(
+        torch.cov(sx[sy == 0].T).double(), pooled, rtol=0.1, atol=0.1 * float(pooled.diag().mean())
+    )
+    again = ClassStatistics(shrinkage=0.0, covariance="shared")
+    again.load_state_dict(stats.state_dict())
+    assert torch.equal(again.shared_covariance(), stats.shared_covariance())
+    with pytest.raises(ValueError, match="do not fit 'full' statistics"):
+        ClassStatistics().load_state_dict(stats.state_dict())
+    with pytest.raises(ValueError, match="no shared covariance in 'full'"):
+        ClassStatistics().shared_covariance()
+
+
 def test_bad_statistics_inputs_name_the_value():
     with pytest.raises(ValueError, match="shrinkage=2"):
         ClassStatistics(shrinkage=2)
+    with pytest.raises(ValueError, match="covariance 'lowrank' is unknown; valid: full, diagonal, shared"):
+        ClassStatistics(covariance="lowrank")
     stats = ClassStatistics()
     with pytest.raises(ValueError, match="need N x D"):
         stats.update(torch.zeros(4, 3), torch.zeros(5))
@@ -62,7 +105,8 @@ def test_bad_statistics_inputs_name_the_value():
         stats.sample(0)
 
 
-def test_alignment_removes_a_recency_bias_of_the_head():
+@pytest.mark.parametrize("covariance", ["full", "diagonal", "shared"])
+def test_alignment_removes_a_recency_bias_of_the_head(covariance):
     """Old rows fitted, new rows pushed up by a large bias (the lean toward the classes trained
     last): accuracy on the old classes collapses. Re-fitted on the class Gaussians, every class is
     recognised again, and the balanced accuracy is back near a probe fitted on all the data."""
@@ -76,7 +120,7 @@ def test_alignment_removes_a_recency_bias_of_the_head():
     per_class = lambda: [float((heads(x[y == c]).argmax(1) == c).float().mean()) for c in range(4)]  # noqa: E731
     biased = per_class()
     assert max(biased[:2]) < 0.2 and min(biased[2:]) > 0.9
-    stats = ClassStatistics()
+    stats = ClassStatistics(covariance=covariance)
     stats.update(x, y)
     assert align_classifier(heads, stats, per_class=256, generator=torch.Generator().manual_seed(0))
     aligned = per_class()

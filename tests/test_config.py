@@ -187,6 +187,10 @@ BAD_FILES = [
     ("strategy: {qr_loss: huber}\n", "'strategy.qr_loss' is 'huber'; valid: kl, mse"),
     ("strategy: {qr_weighting: even}\n", "'strategy.qr_weighting' is 'even'; valid: fixed, classes"),
     ("strategy: {head_init: zeros}\n", "'strategy.head_init' is 'zeros'; valid: random, prototype, probe"),
+    (
+        "strategy: {alignment_covariance: lowrank}\n",
+        "'strategy.alignment_covariance' is 'lowrank'; valid: full, ",
+    ),
     ("strategy: {buffer_storage: int8}\n", "is 'int8' (did you mean 'uint8'?); valid: float32, uint8"),
     ("strategy: {fading_start: -0.1}\n", "'strategy.fading_start' must be in [0, 1]"),
     ("strategy: {fading_end: 1.5}\n", "'strategy.fading_end' must be in [0, 1]"),

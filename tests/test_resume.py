@@ -118,6 +118,16 @@ def _signal_inside_task(monkeypatch, task, epoch, step):
         (["strategy.qr_refresh=true", "strategy.qr_distill_weight=confidence"], 0, 2),
         # class statistics and the memory's features at the task's start are in the checkpoint
         (["scenario.mode=cil", "strategy.classifier_alignment=true", "strategy.alignment_drift=true"], 1, 1),
+        # the pooled scatter and its degrees of freedom too
+        (
+            [
+                "scenario.mode=cil",
+                "strategy.classifier_alignment=true",
+                "strategy.alignment_covariance=shared",
+            ],
+            1,
+            0,
+        ),
     ],
     ids=[
         "emtal-k2-mid",
@@ -130,6 +140,7 @@ def _signal_inside_task(monkeypatch, task, epoch, step):
         "emtal-2-workers",
         "emtal-refresh",
         "emtal-cil-aligned-drift",
+        "emtal-cil-aligned-shared",
     ],
 )
 def test_interrupted_inside_a_task_resumes_to_identical_results(tmp_path, monkeypatch, extra, epoch, step):
