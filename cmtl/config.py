@@ -467,6 +467,8 @@ class StrategyConfig(_Section):
         lr: Peak learning rate.
         backbone_lr: Peak learning rate of the full fine-tuning strategies (naive, der, replay, lwf,
             ewc, joint), which move every pre-trained weight; None uses `lr`.
+        head_lr: Peak learning rate of the classifier heads, for every strategy; None: the same as
+            the rest of the strategy's parameters (`lr`, or `backbone_lr` for full fine-tuning).
         weight_decay: Weight decay.
         momentum: SGD momentum (ignored by Adam/AdamW).
         scheduler: "cosine" (per task, after warm-up) or "none".
@@ -536,6 +538,7 @@ class StrategyConfig(_Section):
     optimizer: str = "adamw"
     lr: float = 1e-3
     backbone_lr: float | None = None
+    head_lr: float | None = None
     weight_decay: float = 0.01
     momentum: float = 0.9
     scheduler: str = "cosine"
@@ -582,7 +585,8 @@ class StrategyConfig(_Section):
         _one_of(self, "qr_distill_weight", DISTILL_WEIGHTS)
         _one_of(self, "head_init", HEAD_INITS)
         _one_of(self, "alignment_covariance", COVARIANCES)
-        _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "backbone_lr", "qr_temperature")
+        _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "backbone_lr", "head_lr")
+        _positive(self, "qr_temperature")
         _positive(self, "lwf_temperature", "buffer_per_class", "checkpoint_every_epochs", "replay_batch_size")
         _positive(self, "qr_in_task_max_weight", "alignment_samples")
         _non_negative(self, "weight_decay", "warmup_epochs", "buffer_size", "num_workers")

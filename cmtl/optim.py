@@ -46,5 +46,21 @@ def lr_factor(step: int, total: int, warmup: int = 0, schedule: str = "cosine") 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group's learning rate to `lr`, times the group's "lr_scale" if it has one."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def scale_group(optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter], scale: float) -> int:
+    """Move `params` (those the optimiser holds) into a parameter group of their own whose learning
+    rate `set_lr` scales by `scale`; every other parameter goes back into the first group. Returns
+    how many were moved. The groups' optimiser state is kept (it is per parameter)."""
+    ids = {id(p) for p in params}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    moved = [p for p in held if id(p) in ids]
+    optimizer.param_groups[0]["params"] = [p for p in held if id(p) not in ids]
+    optimizer.param_groups[0].pop("lr_scale", None)
+    del optimizer.param_groups[1:]
+    if moved:
+        optimizer.add_param_group({"params": moved, "lr_scale": scale})
+    return len(moved)

@@ -21,7 +21,7 @@ from cmtl.continual import EMTALConfig, init_heads
 from cmtl.distributed import is_distributed
 from cmtl.heads import check_head_init
 from cmtl.model import CMTLModel
-from cmtl.optim import lr_factor, make_optimizer, set_lr
+from cmtl.optim import lr_factor, make_optimizer, scale_group, set_lr
 from cmtl.recipes import StrategySpec
 
 from .distributed import DistributedSync
@@ -78,6 +78,7 @@ class _FreshOptimizer:
     """
 
     resume_point = None
+    head_lr_scale = 1.0  # the heads' learning rate relative to the rest (`StrategyConfig.head_lr`)
     epoch_rng = None
     fetch_rng = None
     _skip_to = None
@@ -122,6 +123,8 @@ class _FreshOptimizer:
         kwargs["reset_optimizer_state"] = True
         kwargs["remove_params"] = True
         super().make_optimizer(**kwargs)
+        if self.head_lr_scale != 1.0:  # Avalanche places the new heads by name; regroup them every time
+            scale_group(self.optimizer, self.model.cmtl.heads.parameters(), self.head_lr_scale)
 
     def make_eval_dataloader(self, num_workers=0, **kwargs):
         super().make_eval_dataloader(num_workers=num_workers, **kwargs)
@@ -239,6 +242,7 @@ def build_strategy(
     model.set_backbone_trainable(spec.backbone_trainable)
     net = AvalancheCMTL(model)
     lr = st.backbone_lr if spec.backbone_trainable and st.backbone_lr is not None else st.lr
+    head_scale = 1.0 if st.head_lr is None else st.head_lr / lr
     common = dict(
         criterion=torch.nn.CrossEntropyLoss(),
         train_mb_size=st.batch_size,
@@ -257,9 +261,11 @@ def build_strategy(
         optimizer = make_optimizer(st.optimizer, net.parameters(), lr, st.weight_decay, st.momentum)
         if is_distributed():
             extra.append(DistributedSync())
-        return CMTLJoint(
+        strategy = CMTLJoint(
             model=net, optimizer=optimizer, plugins=[*plugins, *extra], head_init=st.head_init, **common
         )
+        strategy.head_lr_scale = head_scale
+        return strategy
     if spec.avalanche == "replay":
         extra.append(replay_plugin(st.buffer_size, st.replay_batch_size))
     elif spec.avalanche == "lwf":
@@ -271,6 +277,8 @@ def build_strategy(
     optimizer = make_optimizer(st.optimizer, net.parameters(), lr, st.weight_decay, st.momentum)
     if is_distributed():
         extra.append(DistributedSync())
-    return CMTLStrategy(
+    strategy = CMTLStrategy(
         model=net, optimizer=optimizer, plugins=[*plugins, EMTALPlugin(spec.emtal), *extra], **common
     )
+    strategy.head_lr_scale = head_scale
+    return strategy

@@ -309,3 +309,52 @@ def test_plugin_state_round_trip_keeps_buffer_and_continues(tmp_path):
     assert "qr" in resumed.emtal_plugin.last_losses
     assert resumed.emtal_plugin.controller.task == 2
     assert len(qr) == 12 and len(qr.class_counts()) == 6
+
+
+@pytest.mark.parametrize("name", ["emtal", "replay", "joint"])
+def test_head_lr_puts_every_head_in_a_group_of_its_own_at_that_rate(name):
+    """`strategy.head_lr`: while each experience trains, the optimiser holds two groups, the heads
+    (every task's, the new one included) at head_lr's share of the schedule and the rest (adapters,
+    or the whole backbone) at the strategy's own rate."""
+    from avalanche.core import SupervisedPlugin
+    from cmtl.strategies import build_strategy
+
+    from cmtl.model import CMTLModel
+    from cmtl.recipes import strategy_spec
+
+    cfg = _small_cfg()
+    cfg.scenario.mode = "cil"
+    cfg.strategy.backbone_lr, cfg.strategy.head_lr = 1e-4, 4e-3
+    spec = strategy_spec(name, cfg.model, cfg.strategy)
+    torch.manual_seed(0)
+    model = CMTLModel(_vit(), spec.adapter, mode="cil")
+    seen = []
+
+    class Look(SupervisedPlugin):
+        def after_forward(self, strategy, **kwargs):  # the schedule has set this step's rates
+            if strategy.clock.train_exp_iterations == 0:
+                groups = strategy.optimizer.param_groups
+                head_ids = {id(p) for p in model.heads.parameters()}
+                seen.append(
+                    (
+                        len(groups),
+                        {id(p) for p in groups[1]["params"]} == head_ids,
+                        head_ids.isdisjoint(id(p) for p in groups[0]["params"]),
+                        groups[1]["lr"] / groups[0]["lr"],
+                    )
+                )
+
+    stream = _stream("cil", n_tasks=2, max_per_class=8)
+    strategy = build_strategy(
+        spec, model, cfg.strategy, classes_per_task=[2, 2], evaluator=_evaluator(), plugins=[Look()]
+    )
+    expected = 4e-3 / (1e-4 if spec.backbone_trainable else cfg.strategy.lr)
+    if name == "joint":
+        strategy.train(stream.benchmark.train_stream)
+    else:
+        for exp in stream.benchmark.train_stream:
+            strategy.train(exp)
+    assert len(seen) == (1 if name == "joint" else 2)
+    for n_groups, heads_apart, rest_apart, ratio in seen:
+        assert n_groups == 2 and heads_apart and rest_apart
+        assert ratio == pytest.approx(expected)
