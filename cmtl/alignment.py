@@ -25,9 +25,11 @@ from cmtl.heads import TaskHeads
 # (60 in the dev streams) in hundreds of dimensions, so it is singular without it
 SHRINKAGE = 0.1
 # How a class's spread is kept: "full" its own D x D covariance (D^2 numbers per class: 2.4 MB at
-# 768 features), "diagonal" its own variances (D per class), "shared" one covariance pooled over all
-# classes' within-class scatter (D^2 once: linear discriminant analysis' assumption)
-COVARIANCES = ("full", "diagonal", "shared")
+# 768 features) or "shared" one covariance pooled over all classes' within-class scatter (D^2 once:
+# linear discriminant analysis' assumption). Per-class variances alone (a diagonal covariance) were
+# tried and dropped: pre-trained features are strongly correlated, samples that ignore it lie where
+# no real feature does, and the re-fitted head lost 17 points (benchmarks/RESULTS.md, session 19).
+COVARIANCES = ("full", "shared")
 
 
 def check_covariance(covariance: str) -> str:
@@ -40,9 +42,10 @@ def check_covariance(covariance: str) -> str:
 class ClassStatistics:
     """Feature mean and (shrunk) covariance per class, by global class index.
 
-    `covariance` (see `COVARIANCES`) sets what `covs` holds: C x D x D per-class covariances, C x D
-    per-class variances, or one D x D covariance shared by every class. Shared statistics pool
-    every update's scatter (a class updated twice counts twice in it; its mean is replaced).
+    `covariance` (see `COVARIANCES`) sets what `covs` holds: C x D x D per-class (shrunk)
+    covariances, or the D x D sum of every class's within-class scatter, from which one shrunk
+    covariance shared by every class is taken. Shared statistics pool every update's scatter (a
+    class updated twice counts twice in it; its mean is replaced).
     """
 
     def __init__(self, shrinkage: float = SHRINKAGE, covariance: str = "full"):
@@ -52,7 +55,7 @@ class ClassStatistics:
         self.covariance = check_covariance(covariance)
         self.classes = torch.zeros(0, dtype=torch.long)
         self.means = torch.zeros(0, 0)
-        # full: C x D x D; diagonal: C x D; shared: the D x D sum of every class's scatter
+        # full: C x D x D; shared: the D x D sum of every class's scatter
         self.covs = torch.zeros((0, 0, 0) if covariance == "full" else (0, 0), dtype=torch.float64)
         self.scatter_dof = torch.zeros((), dtype=torch.float64)  # shared: degrees of freedom pooled so far
 
@@ -89,29 +92,29 @@ class ClassStatistics:
                 scatter = centred.T @ centred
                 self.covs = scatter if not self.covs.numel() else self.covs + scatter
                 self.scatter_dof = self.scatter_dof + (len(x) - 1)
-                spread = None
+                cov = None
             else:
-                cov = self._shrink(centred.T @ centred / (len(x) - 1))
-                spread = (torch.diagonal(cov) if self.covariance == "diagonal" else cov).float()
-            self._put(c, mean.float(), spread)
+                cov = self._shrink(centred.T @ centred / (len(x) - 1)).float()
+            self._put(c, mean.float(), cov)
             done.append(c)
         return done
 
-    def _put(self, c: int, mean: torch.Tensor, spread: torch.Tensor | None) -> None:
+    def _put(self, c: int, mean: torch.Tensor, cov: torch.Tensor | None) -> None:
+        """Store class `c`'s mean and, unless None (shared statistics), its own covariance."""
         hit = (self.classes == c).nonzero(as_tuple=True)[0]
         if len(hit):
             self.means[hit[0]] = mean
-            if spread is not None:
-                self.covs[hit[0]] = spread
+            if cov is not None:
+                self.covs[hit[0]] = cov
             return
         if not len(self):
             self.means = mean.new_zeros(0, len(mean))
-            if spread is not None:
-                self.covs = spread.new_zeros(0, *spread.shape)
+            if cov is not None:
+                self.covs = cov.new_zeros(0, *cov.shape)
         self.classes = torch.cat([self.classes, torch.tensor([c])])
         self.means = torch.cat([self.means, mean[None]])
-        if spread is not None:
-            self.covs = torch.cat([self.covs, spread[None]])
+        if cov is not None:
+            self.covs = torch.cat([self.covs, cov[None]])
 
     def shared_covariance(self) -> torch.Tensor:
         """The shrunk pooled within-class covariance ("shared" statistics only)."""
@@ -136,12 +139,9 @@ class ClassStatistics:
         if per_class < 1:
             raise ValueError(f"per_class={per_class} must be >= 1")
         z = torch.randn(len(self), per_class, self.means.shape[1], generator=generator, dtype=torch.float64)
-        if self.covariance == "diagonal":
-            z = z * self.covs.double().clamp(min=0.0).sqrt()[:, None, :]
-        else:  # shrinkage > 0 keeps the covariances positive definite
-            covs = self.shared_covariance()[None] if self.covariance == "shared" else self.covs.double()
-            z = z @ torch.linalg.cholesky(covs).transpose(1, 2)
-        x = self.means.double()[:, None, :] + z
+        covs = self.shared_covariance()[None] if self.covariance == "shared" else self.covs.double()
+        chol = torch.linalg.cholesky(covs)  # shrinkage > 0 keeps the covariances positive definite
+        x = self.means.double()[:, None, :] + z @ chol.transpose(1, 2)
         return x.reshape(-1, x.shape[-1]).float(), self.classes.repeat_interleave(per_class)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -152,22 +152,18 @@ class ClassStatistics:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         classes, means, covs = state["classes"], state["means"], state["covs"]
-        per_class = {"full": 3, "diagonal": 2}.get(self.covariance)
-        if per_class is None:
-            ok = means.shape[:1] == classes.shape and covs.ndim == 2 and "scatter_dof" in state
+        shared = self.covariance == "shared"
+        if shared:
+            ok = covs.ndim == 2 and "scatter_dof" in state
         else:
-            ok = (
-                means.shape[:1] == classes.shape
-                and covs.shape[:1] == classes.shape
-                and covs.ndim == per_class
-            )
-        if not ok:
+            ok = covs.ndim == 3 and covs.shape[:1] == classes.shape
+        if not ok or means.shape[:1] != classes.shape:
             raise ValueError(
                 f"statistics of {len(classes)} classes with means {tuple(means.shape)} and covariances "
                 f"{tuple(covs.shape)} do not fit {self.covariance!r} statistics (alignment_covariance)"
             )
         self.classes, self.means = classes.long(), means.float()
-        if per_class is None:
+        if shared:
             self.covs, self.scatter_dof = covs.double(), state["scatter_dof"].double()
         else:
             self.covs = covs.float()

@@ -517,8 +517,8 @@ class StrategyConfig(_Section):
             for every strategy but joint.
         alignment_samples: Features sampled per class for that re-fit.
         alignment_covariance: What the statistics keep of a class's spread: "full" (its own
-            covariance, features^2 numbers per class), "diagonal" (its own variances) or "shared"
-            (one covariance pooled over all classes, stored once).
+            covariance, features^2 numbers per class) or "shared" (one covariance pooled over all
+            classes, stored once).
         alignment_drift: Before that re-fit, move each old class's mean by how far its replay-memory
             samples' features moved over the task (semantic drift compensation on the memory).
         lwf_alpha: LwF distillation weight.

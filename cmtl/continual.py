@@ -86,7 +86,7 @@ class EMTALConfig:
             covariance of its classes and re-fit every head row on samples of all classes'
             Gaussians (SLCA's classifier alignment; see `cmtl.alignment`).
         alignment_samples: features sampled per class for that re-fit.
-        alignment_covariance: "full", "diagonal" or "shared" (see `cmtl.alignment.ClassStatistics`).
+        alignment_covariance: "full" or "shared" (see `cmtl.alignment.ClassStatistics`).
         alignment_drift: before the re-fit, move each old class's mean by how far the features of
             its memory samples moved over the task (semantic drift compensation, Yu et al. 2020,
             measured on the replay memory instead of estimated from the new task's images).

@@ -49,25 +49,10 @@ def test_samples_follow_each_class_gaussian_and_state_round_trips():
     )
 
 
-def test_diagonal_statistics_keep_each_class_variances_and_sample_independent_dimensions():
-    x, y = _blobs(n_classes=2, per_class=400)
-    x = x * torch.linspace(0.5, 3.0, 8)  # unequal variances per dimension
-    full, diag = ClassStatistics(), ClassStatistics(covariance="diagonal")
-    full.update(x, y)
-    diag.update(x, y)
-    assert diag.covs.shape == (2, 8) and torch.allclose(diag.means, full.means)
-    assert torch.allclose(diag.covs, torch.diagonal(full.covs, dim1=1, dim2=2), atol=1e-5)
-    sx, sy = diag.sample(5000, torch.Generator().manual_seed(0))
-    cov = torch.cov(sx[sy == 1].T)
-    assert torch.allclose(torch.diagonal(cov), diag.covs[1], rtol=0.1)
-    corr = torch.corrcoef(sx[sy == 1].T)
-    assert (corr - torch.eye(8)).abs().max() < 0.1  # independent dimensions (sampling error ~0.014)
-
-
 def test_shared_statistics_pool_every_class_scatter_into_one_covariance():
     x, y = _blobs(n_classes=3, per_class=300)
     mix = torch.randn(8, 8, generator=torch.Generator().manual_seed(3))
-    x = x @ mix  # correlated dimensions: a shared full covariance, not a diagonal one
+    x = x @ mix  # correlated dimensions
     stats = ClassStatistics(shrinkage=0.0, covariance="shared")
     stats.update(x[y < 2], y[y < 2])  # two tasks: the scatter accumulates over updates
     stats.update(x[y == 2], y[y == 2])
@@ -93,7 +78,7 @@ def test_shared_statistics_pool_every_class_scatter_into_one_covariance():
 def test_bad_statistics_inputs_name_the_value():
     with pytest.raises(ValueError, match="shrinkage=2"):
         ClassStatistics(shrinkage=2)
-    with pytest.raises(ValueError, match="covariance 'lowrank' is unknown; valid: full, diagonal, shared"):
+    with pytest.raises(ValueError, match="covariance 'lowrank' is unknown; valid: full, shared"):
         ClassStatistics(covariance="lowrank")
     stats = ClassStatistics()
     with pytest.raises(ValueError, match="need N x D"):
@@ -105,7 +90,7 @@ def test_bad_statistics_inputs_name_the_value():
         stats.sample(0)
 
 
-@pytest.mark.parametrize("covariance", ["full", "diagonal", "shared"])
+@pytest.mark.parametrize("covariance", ["full", "shared"])
 def test_alignment_removes_a_recency_bias_of_the_head(covariance):
     """Old rows fitted, new rows pushed up by a large bias (the lean toward the classes trained
     last): accuracy on the old classes collapses. Re-fitted on the class Gaussians, every class is
