@@ -28,7 +28,7 @@ SHRINKAGE = 0.1
 # 768 features) or "shared" one covariance pooled over all classes' within-class scatter (D^2 once:
 # linear discriminant analysis' assumption). Per-class variances alone (a diagonal covariance) were
 # tried and dropped: pre-trained features are strongly correlated, samples that ignore it lie where
-# no real feature does, and the re-fitted head lost 17 points (benchmarks/RESULTS.md, session 19).
+# no real feature does, and the re-fitted head lost 18 points (benchmarks/RESULTS.md, session 19).
 COVARIANCES = ("full", "shared")
 
 
