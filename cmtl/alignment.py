@@ -55,8 +55,8 @@ class ClassStatistics:
         self.covariance = check_covariance(covariance)
         self.classes = torch.zeros(0, dtype=torch.long)
         self.means = torch.zeros(0, 0)
-        # full: C x D x D; shared: the D x D sum of every class's scatter
-        self.covs = torch.zeros((0, 0, 0) if covariance == "full" else (0, 0), dtype=torch.float64)
+        # full: C x D x D (float32, as the means); shared: the D x D sum of every class's scatter (float64)
+        self.covs = torch.zeros(0, 0, 0) if covariance == "full" else torch.zeros(0, 0, dtype=torch.float64)
         self.scatter_dof = torch.zeros((), dtype=torch.float64)  # shared: degrees of freedom pooled so far
 
     def __len__(self) -> int:
