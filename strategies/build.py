@@ -78,10 +78,14 @@ class _FreshOptimizer:
     """
 
     resume_point = None
-    head_lr_scale = 1.0  # the heads' learning rate relative to the rest (`StrategyConfig.head_lr`)
     epoch_rng = None
     fetch_rng = None
     _skip_to = None
+
+    def __init__(self, *args, head_lr_scale: float = 1.0, **kwargs):
+        """`head_lr_scale`: the heads' learning rate relative to the rest (`StrategyConfig.head_lr`)."""
+        self.head_lr_scale = head_lr_scale
+        super().__init__(*args, **kwargs)
 
     def _train_exp(self, experience, eval_streams=None, **kwargs):
         point, self.resume_point = self.resume_point, None
@@ -242,7 +246,6 @@ def build_strategy(
     model.set_backbone_trainable(spec.backbone_trainable)
     net = AvalancheCMTL(model)
     lr = st.backbone_lr if spec.backbone_trainable and st.backbone_lr is not None else st.lr
-    head_scale = 1.0 if st.head_lr is None else st.head_lr / lr
     common = dict(
         criterion=torch.nn.CrossEntropyLoss(),
         train_mb_size=st.batch_size,
@@ -251,6 +254,7 @@ def build_strategy(
         device=device,
         evaluator=evaluator,
         eval_every=-1,
+        head_lr_scale=1.0 if st.head_lr is None else st.head_lr / lr,
     )
     extra: list[SupervisedPlugin] = [TaskLRSchedule(lr, st.scheduler, st.warmup_epochs)]
     if spec.avalanche == "joint":
@@ -261,11 +265,9 @@ def build_strategy(
         optimizer = make_optimizer(st.optimizer, net.parameters(), lr, st.weight_decay, st.momentum)
         if is_distributed():
             extra.append(DistributedSync())
-        strategy = CMTLJoint(
+        return CMTLJoint(
             model=net, optimizer=optimizer, plugins=[*plugins, *extra], head_init=st.head_init, **common
         )
-        strategy.head_lr_scale = head_scale
-        return strategy
     if spec.avalanche == "replay":
         extra.append(replay_plugin(st.buffer_size, st.replay_batch_size))
     elif spec.avalanche == "lwf":
@@ -277,8 +279,6 @@ def build_strategy(
     optimizer = make_optimizer(st.optimizer, net.parameters(), lr, st.weight_decay, st.momentum)
     if is_distributed():
         extra.append(DistributedSync())
-    strategy = CMTLStrategy(
+    return CMTLStrategy(
         model=net, optimizer=optimizer, plugins=[*plugins, EMTALPlugin(spec.emtal), *extra], **common
     )
-    strategy.head_lr_scale = head_scale
-    return strategy
