@@ -56,7 +56,7 @@ def buffer_bytes_per_sample(size: int, storage: str = "float32", classes: int = 
 
 def alignment_bytes(dim: int, covariance: str, classes: int = 4) -> tuple[float, float]:
     """Bytes of `strategy.classifier_alignment`'s statistics under `alignment_covariance`: per class
-    (mean, and the class's own covariance or variances) and once (a shared covariance)."""
+    (mean, and the class's own covariance) and once (a shared covariance)."""
     stats = ClassStatistics(covariance=covariance)
     stats.update(torch.randn(classes * (dim + 1), dim), torch.arange(classes).repeat_interleave(dim + 1))
     total = sum(t.nbytes for t in stats.state_dict().values())

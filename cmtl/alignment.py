@@ -87,14 +87,13 @@ class ClassStatistics:
             if len(x) < 2:
                 continue
             mean = x.mean(0)
-            centred = x - mean
+            scatter = (x - mean).T @ (x - mean)
             if self.covariance == "shared":
-                scatter = centred.T @ centred
                 self.covs = scatter if not self.covs.numel() else self.covs + scatter
                 self.scatter_dof = self.scatter_dof + (len(x) - 1)
                 cov = None
             else:
-                cov = self._shrink(centred.T @ centred / (len(x) - 1)).float()
+                cov = self._shrink(scatter / (len(x) - 1)).float()
             self._put(c, mean.float(), cov)
             done.append(c)
         return done
