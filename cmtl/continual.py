@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cmtl.alignment import ClassStatistics, align_classifier, check_covariance
+from cmtl.alignment import SHRINKAGE, ClassStatistics, align_classifier, check_covariance
 from cmtl.heads import check_head_init
 from cmtl.model import CMTLModel
 from cmtl.qr import QRBuffer, QRConfig, class_balanced_indices
@@ -86,6 +86,7 @@ class EMTALConfig:
             covariance of its classes and re-fit every head row on samples of all classes'
             Gaussians (SLCA's classifier alignment; see `cmtl.alignment`).
         alignment_samples: features sampled per class for that re-fit.
+        alignment_shrinkage: pull of each class covariance toward its mean variance, in (0, 1].
         alignment_covariance: "full" or "shared" (see `cmtl.alignment.ClassStatistics`).
         alignment_drift: before the re-fit, move each old class's mean by how far the features of
             its memory samples moved over the task (semantic drift compensation, Yu et al. 2020,
@@ -101,6 +102,7 @@ class EMTALConfig:
     head_init: str = "random"
     classifier_alignment: bool = False
     alignment_samples: int = 256
+    alignment_shrinkage: float = SHRINKAGE
     alignment_covariance: str = "full"
     alignment_drift: bool = False
 
@@ -109,6 +111,8 @@ class EMTALConfig:
         check_covariance(self.alignment_covariance)
         if self.alignment_samples < 1:
             raise ValueError(f"alignment_samples={self.alignment_samples} must be >= 1")
+        if not 0.0 < self.alignment_shrinkage <= 1.0:
+            raise ValueError(f"alignment_shrinkage={self.alignment_shrinkage} must be in (0, 1]")
         if not 0.0 <= self.fading_start <= self.fading_end <= 1.0:
             raise ValueError(
                 f"fading_start={self.fading_start}, fading_end={self.fading_end}: need 0 <= start <= end <= 1"
@@ -127,7 +131,7 @@ class EMTALController:
         self.config = config or EMTALConfig()
         self.qr = QRBuffer(self.config.qr) if self.config.qr is not None else None
         self.stats = (
-            ClassStatistics(covariance=self.config.alignment_covariance)
+            ClassStatistics(self.config.alignment_shrinkage, self.config.alignment_covariance)
             if self.config.classifier_alignment
             else None
         )

@@ -102,6 +102,7 @@ def emtal_config(st: StrategyConfig, qr: QRConfig | None, fading: bool = True) -
         head_init=st.head_init,
         classifier_alignment=st.classifier_alignment,
         alignment_samples=st.alignment_samples,
+        alignment_shrinkage=st.alignment_shrinkage,
         alignment_covariance=st.alignment_covariance,
         alignment_drift=st.alignment_drift,
     )

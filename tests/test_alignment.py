@@ -156,6 +156,34 @@ def test_controller_keeps_statistics_per_task_and_checkpoints_them():
     assert torch.equal(fresh.stats.means, ctl.stats.means) and torch.equal(fresh.stats.covs, ctl.stats.covs)
 
 
+def test_configured_shrinkage_reaches_the_class_statistics():
+    """`strategy.alignment_shrinkage` goes through the recipe to the controller's statistics: the
+    same features give covariances whose off-diagonal entries shrink by exactly (1 - shrinkage)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cmtl.config import StrategyConfig
+    from cmtl.continual import EMTALController
+    from cmtl.model import CMTLModel
+    from cmtl.recipes import emtal_config
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    images, labels = torch.randn(40, 3, 16, 16), torch.arange(2).repeat(20)
+    covs = {}
+    for shrinkage in (0.1, 0.5):
+        st = StrategyConfig(classifier_alignment=True, alignment_shrinkage=shrinkage)
+        cfg = emtal_config(st, None)
+        assert cfg.alignment_shrinkage == shrinkage
+        ctl = EMTALController(CMTLModel(vit, None, mode="cil"), cfg)
+        ctl.start_task(2)
+        ctl.end_task([(images, labels)])
+        assert ctl.stats.shrinkage == shrinkage
+        covs[shrinkage] = ctl.stats.covs
+    off = ~torch.eye(32, dtype=torch.bool)
+    ratio = covs[0.5][:, off] / covs[0.1][:, off]
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.5 / 0.9), rtol=1e-3)
+
+
 @pytest.mark.parametrize("name", ["emtal", "replay"])
 def test_plugin_aligns_every_strategy_with_a_class_incremental_head(name):
     """The Avalanche path: statistics of each experience's classes, taken on its un-augmented

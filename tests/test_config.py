@@ -178,6 +178,8 @@ BAD_FILES = [
     ("strategy: {lr: 0}\n", "'strategy.lr' must be > 0, got 0.0"),
     ("strategy: {lr: -1e-3}\n", "'strategy.lr' must be > 0, got -0.001"),
     ("strategy: {alignment_samples: 0}\n", "'strategy.alignment_samples' must be > 0, got 0"),
+    ("strategy: {alignment_shrinkage: 0}\n", "'strategy.alignment_shrinkage' must be in (0, 1], got 0"),
+    ("strategy: {alignment_shrinkage: 1.5}\n", "'strategy.alignment_shrinkage' must be in (0, 1], got 1.5"),
     ("strategy: {head_lr: 0}\n", "'strategy.head_lr' must be > 0, got 0"),
     ("strategy: {name: emtall}\n", "'strategy.name' is 'emtall' (did you mean 'emtal'?); valid: emtal, "),
     ("strategy: {name: foo}\n", "valid: emtal, emtal_no_qr, emtal_no_moe, emtal_no_fading, naive"),
