@@ -16,7 +16,8 @@ stays as it is; only the classifier on top changes:
   to `realigned` is what replacing the images by class Gaussians costs.
 
 `--max-per-class N` takes N training images per class instead of the run's `max_per_class` (a
-ceiling with more data than the stream offered). Prints one row per run and writes JSON.
+ceiling with more data than the stream offered); `--set strategy.alignment_samples=4096` (any
+config key) re-aligns with other settings than the run had. Prints one row per run and writes JSON.
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ def accuracy(heads, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((heads(x, None).argmax(1) == y).float().mean()) * 100
 
 
-def gap(run: Path, max_per_class: int | None = None) -> dict:
-    """The three accuracies of one class-incremental run (see the module docstring)."""
-    overrides = ["scenario.augment=false"]
+def gap(run: Path, max_per_class: int | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The three accuracies of one class-incremental run (see the module docstring); `overrides`
+    (`key=value`) change the run's config before the data and the re-alignment are built."""
+    overrides = [*overrides, "scenario.augment=false"]
     if max_per_class is not None:
         overrides.append(f"scenario.max_per_class={max_per_class}")
     cfg = load_config(run / "config.yaml", overrides)
@@ -87,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="`cmtl run` output directories")
     parser.add_argument("--max-per-class", type=int, default=None, help="training images per class")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(True)
     rows = []
     print(f"{'run':50s} {'train/class':>11s} {'run':>6s} {'realigned':>9s} {'probe':>6s}")
     for run in args.runs:
-        r = gap(run, args.max_per_class)
+        r = gap(run, args.max_per_class, args.set)
         rows.append(r)
         print(
             f"{str(run)[-50:]:50s} {r['train_per_class']:11.0f} {r['run_accuracy']:6.1f} "
