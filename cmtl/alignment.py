@@ -21,8 +21,10 @@ import torch
 
 from cmtl.heads import TaskHeads
 
-# Covariance shrinkage toward its mean variance: a class's covariance comes from a few hundred images
-# (60 in the dev streams) in hundreds of dimensions, so it is singular without it
+# Default covariance shrinkage toward its mean variance (`strategy.alignment_shrinkage`): a class's
+# covariance comes from a few hundred images (60 in the dev streams) in hundreds of dimensions, so it
+# is singular without any. How much is a tuning matter: the dev class-incremental configs take 0.01
+# with 4096 samples per class (benchmarks/RESULTS.md, session 20)
 SHRINKAGE = 0.1
 # How a class's spread is kept: "full" its own D x D covariance (D^2 numbers per class: 2.4 MB at
 # 768 features) or "shared" one covariance pooled over all classes' within-class scatter (D^2 once:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Union
 import yaml
 
 from cmtl import optim
-from cmtl.alignment import COVARIANCES
+from cmtl.alignment import COVARIANCES, SHRINKAGE
 from cmtl.heads import HEAD_INITS
 from cmtl.losses import list_distill_losses
 from cmtl.qr import BANK_UPDATES, DISTILL_WEIGHTS, SELECTIONS, STORAGES, WEIGHTINGS
@@ -569,7 +569,7 @@ class StrategyConfig(_Section):
     head_init: str = "random"
     classifier_alignment: bool = False
     alignment_samples: int = 256
-    alignment_shrinkage: float = 0.1
+    alignment_shrinkage: float = SHRINKAGE
     alignment_covariance: str = "full"
     alignment_drift: bool = False
     lwf_alpha: float = 1.0
