@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(True)
     rows = []
     print(f"{'run':50s} {'train/class':>11s} {'run':>6s} {'realigned':>9s} {'probe':>6s}")
     for run in args.runs:
