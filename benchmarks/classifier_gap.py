@@ -23,6 +23,7 @@ config key) re-aligns with other settings than the run had. Prints one row per r
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -32,19 +33,15 @@ from torch.utils.data import DataLoader
 
 from cmtl.alignment import ClassStatistics, align_classifier
 from cmtl.config import load_config
+from cmtl.continual import class_features
 from cmtl.runner import build_stream
 from cmtl.snapshot import load_snapshot
 
 
-@torch.no_grad()
 def features(snapshot, datasets, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Final pre-logit features and global labels of every sample of `datasets` (eval transform)."""
-    feats, labels = [], []
-    for ds in datasets:
-        for batch in DataLoader(ds.eval(), batch_size=batch_size):
-            feats.append(snapshot.forward_features(batch[0]))
-            labels.append(batch[1].long())
-    return torch.cat(feats), torch.cat(labels)
+    batches = (b[:2] for ds in datasets for b in DataLoader(ds.eval(), batch_size=batch_size))
+    return class_features(snapshot, batches)
 
 
 def accuracy(heads, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -70,18 +67,15 @@ def gap(run: Path, max_per_class: int | None = None, overrides: list[str] | tupl
     out = {"run": str(run), "strategy": st.name, "seed": cfg.seed, "evaluation": stream.evaluation}
     out["train_per_class"] = len(train_y) / stream.num_classes
     out["run_accuracy"] = accuracy(heads, test_x, test_y)
-    rows = [(h.weight.clone(), h.bias.clone()) for h in heads.heads]
+    realigned = copy.deepcopy(heads)
     stats = ClassStatistics(st.alignment_shrinkage, st.alignment_covariance)
     stats.update(train_x, train_y)
     generator = torch.Generator().manual_seed(stream.num_tasks - 1)  # as the run's last re-fit
-    align_classifier(heads, stats, st.alignment_samples, generator)
-    out["realigned_accuracy"] = accuracy(heads, test_x, test_y)
-    with torch.no_grad():
-        for h, (w, b) in zip(heads.heads, rows):
-            h.weight.copy_(w)
-            h.bias.copy_(b)
-    heads.fit(train_x, train_y, tasks=range(0, len(heads.heads)))
-    out["probe_accuracy"] = accuracy(heads, test_x, test_y)
+    align_classifier(realigned, stats, st.alignment_samples, generator)
+    out["realigned_accuracy"] = accuracy(realigned, test_x, test_y)
+    probe = copy.deepcopy(heads)
+    probe.fit(train_x, train_y, tasks=range(0, len(probe.heads)))
+    out["probe_accuracy"] = accuracy(probe, test_x, test_y)
     return out
 
 
