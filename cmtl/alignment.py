@@ -11,8 +11,9 @@ many of its images are still around.
 `align_classifier` does the re-fit, through `TaskHeads.fit` (logistic regression by L-BFGS from the
 current rows). The statistics are taken with the model as it is when the class's task ends; later
 tasks move the features of old classes, and stale means mislead the re-fit wherever they move
-much: `ClassStatistics.shift` lets a caller correct them (`EMTALController.compensate_drift`
-measures the drift on the replay memory).
+much: `ClassStatistics.shift` and `ClassStatistics.transform` let a caller correct them
+(`EMTALController.compensate_drift` measures the drift on the replay memory; `fit_drift_map` fits
+one linear map of it, which moves the covariances too).
 """
 
 from __future__ import annotations
@@ -32,6 +33,46 @@ SHRINKAGE = 0.1
 # tried and dropped: pre-trained features are strongly correlated, samples that ignore it lie where
 # no real feature does, and the re-fitted head lost 18 points (benchmarks/RESULTS.md, session 19).
 COVARIANCES = ("full", "shared")
+# How old classes' statistics follow their features' drift (`strategy.alignment_drift_map`): "shift"
+# moves each class's mean by its memory samples' mean change (semantic drift compensation, Yu et al.
+# 2020); "linear" fits one map x -> x W + b to all memory samples' features before and after the task
+# (as Learnable Drift Compensation, Gomez-Villa et al. 2024, does on the new task's images), moves
+# each covariance to W^T S W and each mean to its memory samples' new mean plus W of its old offset
+# from them (so a class's own shift is kept exactly, as with "shift")
+DRIFT_MAPS = ("shift", "linear")
+# Ridge of that map toward the identity, as a multiple of the memory features' mean variance: a
+# memory of a few hundred samples in hundreds of dimensions pins down few directions of W
+DRIFT_RIDGE = 1.0
+
+
+def check_drift_map(drift_map: str) -> str:
+    """`drift_map` if it is one of `DRIFT_MAPS`, else ValueError naming the valid ones."""
+    if drift_map not in DRIFT_MAPS:
+        raise ValueError(f"drift map {drift_map!r} is unknown; valid: {', '.join(DRIFT_MAPS)}")
+    return drift_map
+
+
+@torch.no_grad()
+def fit_drift_map(
+    before: torch.Tensor, after: torch.Tensor, ridge: float = DRIFT_RIDGE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (D x D) and b (D) of the ridge least-squares map `after ~ before @ W + b`, pulled toward the
+    identity: minimises |after - before W - b|^2 + l |W - I|^2 with l = `ridge` x the mean variance
+    of `before` x N (float64; N x D inputs, N >= 2)."""
+    if before.ndim != 2 or before.shape != after.shape or len(before) < 2:
+        raise ValueError(
+            f"before {tuple(before.shape)} / after {tuple(after.shape)}: need the same N x D, N >= 2"
+        )
+    if ridge <= 0:
+        raise ValueError(f"ridge={ridge} must be > 0")
+    x, y = before.double(), after.double()
+    xm, ym = x.mean(0), y.mean(0)
+    xc, yc = x - xm, y - ym
+    gram = xc.T @ xc
+    eye = torch.eye(x.shape[1], dtype=torch.float64)
+    lam = ridge * max(float(torch.diagonal(gram).mean()), 1e-12)
+    weight = torch.linalg.solve(gram + lam * eye, xc.T @ yc + lam * eye)
+    return weight, ym - xm @ weight
 
 
 def check_covariance(covariance: str) -> str:
@@ -131,6 +172,20 @@ class ClassStatistics:
             return 0
         self.means[hit[0]] += delta.to(self.means)
         return 1
+
+    @torch.no_grad()
+    def transform(self, weight: torch.Tensor, means: torch.Tensor) -> None:
+        """The features moved linearly, x -> x @ `weight` + (a shift per class): every covariance
+        (or the shared scatter) becomes W^T S W, and the means become `means` (C x D, in the order
+        of `classes`)."""
+        if means.shape != self.means.shape or weight.shape != (self.means.shape[1],) * 2:
+            raise ValueError(
+                f"means {tuple(means.shape)} / weight {tuple(weight.shape)} do not fit statistics with "
+                f"means {tuple(self.means.shape)}"
+            )
+        w = weight.double()
+        self.means = means.to(self.means)
+        self.covs = (w.T @ self.covs.double() @ w).to(self.covs.dtype)
 
     @torch.no_grad()
     def sample(

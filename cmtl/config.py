@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Union
 import yaml
 
 from cmtl import optim
-from cmtl.alignment import COVARIANCES, SHRINKAGE
+from cmtl.alignment import COVARIANCES, DRIFT_MAPS, DRIFT_RIDGE, SHRINKAGE
 from cmtl.heads import HEAD_INITS
 from cmtl.losses import list_distill_losses
 from cmtl.qr import BANK_UPDATES, DISTILL_WEIGHTS, SELECTIONS, STORAGES, WEIGHTINGS
@@ -525,6 +525,12 @@ class StrategyConfig(_Section):
             classes, stored once).
         alignment_drift: Before that re-fit, move each old class's mean by how far its replay-memory
             samples' features moved over the task (semantic drift compensation on the memory).
+        alignment_drift_map: How: "shift" moves each class's mean by its own memory samples' mean
+            change; "linear" fits one linear map to all memory samples' features before and after
+            the task, which moves every class's covariance as well (each mean still by its own
+            samples' change plus the map of its offset from them).
+        alignment_drift_ridge: The linear map's pull toward the identity (> 0), in units of the
+            memory features' mean variance.
         lwf_alpha: LwF distillation weight.
         lwf_temperature: LwF temperature.
         ewc_lambda: EWC penalty weight.
@@ -572,6 +578,8 @@ class StrategyConfig(_Section):
     alignment_shrinkage: float = SHRINKAGE
     alignment_covariance: str = "full"
     alignment_drift: bool = False
+    alignment_drift_map: str = "shift"
+    alignment_drift_ridge: float = DRIFT_RIDGE
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
     ewc_lambda: float = 100.0
@@ -590,10 +598,11 @@ class StrategyConfig(_Section):
         _one_of(self, "qr_distill_weight", DISTILL_WEIGHTS)
         _one_of(self, "head_init", HEAD_INITS)
         _one_of(self, "alignment_covariance", COVARIANCES)
+        _one_of(self, "alignment_drift_map", DRIFT_MAPS)
         _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "backbone_lr", "head_lr")
         _positive(self, "qr_temperature")
         _positive(self, "lwf_temperature", "buffer_per_class", "checkpoint_every_epochs", "replay_batch_size")
-        _positive(self, "qr_in_task_max_weight", "alignment_samples")
+        _positive(self, "qr_in_task_max_weight", "alignment_samples", "alignment_drift_ridge")
         _non_negative(self, "weight_decay", "warmup_epochs", "buffer_size", "num_workers")
         _non_negative(self, "qr_lambda", "qr_ce_weight", "lwf_alpha", "ewc_lambda")
         if not 0.0 <= self.momentum < 1.0:

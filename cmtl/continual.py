@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cmtl.alignment import SHRINKAGE, ClassStatistics, align_classifier, check_covariance
+from cmtl.alignment import (
+    DRIFT_RIDGE,
+    SHRINKAGE,
+    ClassStatistics,
+    align_classifier,
+    check_covariance,
+    check_drift_map,
+    fit_drift_map,
+)
 from cmtl.heads import check_head_init
 from cmtl.model import CMTLModel
 from cmtl.qr import QRBuffer, QRConfig, class_balanced_indices
@@ -91,6 +99,10 @@ class EMTALConfig:
         alignment_drift: before the re-fit, move each old class's mean by how far the features of
             its memory samples moved over the task (semantic drift compensation, Yu et al. 2020,
             measured on the replay memory instead of estimated from the new task's images).
+        alignment_drift_map: "shift" (each class's mean by its own memory samples' mean change) or
+            "linear" (one ridge-regularised linear map fitted on all memory samples also moves the
+            covariances; see `cmtl.alignment.DRIFT_MAPS`).
+        alignment_drift_ridge: that map's pull toward the identity (`cmtl.alignment.fit_drift_map`).
     """
 
     fading_start: float = 0.0
@@ -105,10 +117,15 @@ class EMTALConfig:
     alignment_shrinkage: float = SHRINKAGE
     alignment_covariance: str = "full"
     alignment_drift: bool = False
+    alignment_drift_map: str = "shift"
+    alignment_drift_ridge: float = DRIFT_RIDGE
 
     def __post_init__(self) -> None:
         check_head_init(self.head_init)
         check_covariance(self.alignment_covariance)
+        check_drift_map(self.alignment_drift_map)
+        if self.alignment_drift_ridge <= 0:
+            raise ValueError(f"alignment_drift_ridge={self.alignment_drift_ridge} must be > 0")
         if self.alignment_samples < 1:
             raise ValueError(f"alignment_samples={self.alignment_samples} must be >= 1")
         if not 0.0 < self.alignment_shrinkage <= 1.0:
@@ -186,9 +203,11 @@ class EMTALController:
 
     @torch.no_grad()
     def compensate_drift(self, memory: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> int:
-        """Move every old class's stored mean by the mean change of its memory samples' features since
-        `note_memory` (same samples, same order: the memory does not change inside a task). Returns
-        the number of classes moved."""
+        """Move every old class's stored statistics by how its memory samples' features changed since
+        `note_memory` (same samples, same order: the memory does not change inside a task): each
+        mean by its samples' mean change ("shift"), or through one linear map fitted on all of them,
+        which moves the covariances too ("linear"; classes without memory samples follow the map
+        alone). Returns the number of classes moved."""
         if self.memory_start is None:
             return 0
         start, labels = self.memory_start
@@ -197,10 +216,29 @@ class EMTALController:
         if not torch.equal(end_labels, labels):
             logger.warning("the replay memory changed inside task %d; no drift compensation", self.task)
             return 0
+        if self.config.alignment_drift_map == "linear":
+            return self._transport(start, end, labels)
         moved = 0
         for c in torch.unique(labels).tolist():
             moved += self.stats.shift(c, (end[labels == c] - start[labels == c]).mean(0))
         return moved
+
+    def _transport(self, start: torch.Tensor, end: torch.Tensor, labels: torch.Tensor) -> int:
+        """`compensate_drift` by one linear map: mean_c -> end_c + (mean_c - start_c) W, where
+        start_c / end_c are class c's memory mean before / after (mean_c W + b without memory)."""
+        if len(labels) < 2 or not len(self.stats):
+            return 0
+        weight, bias = fit_drift_map(start, end, self.config.alignment_drift_ridge)
+        means = self.stats.means.double() @ weight + bias
+        for i, c in enumerate(self.stats.classes.tolist()):
+            mine = labels == c
+            if mine.any():
+                means[i] = (
+                    end[mine].double().mean(0)
+                    + (self.stats.means[i].double() - start[mine].double().mean(0)) @ weight
+                )
+        self.stats.transform(weight, means)
+        return len(self.stats)
 
     def _buffer_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The QR buffer's (images, labels), `pool_batch_size` at a time."""

@@ -105,6 +105,8 @@ def emtal_config(st: StrategyConfig, qr: QRConfig | None, fading: bool = True) -
         alignment_shrinkage=st.alignment_shrinkage,
         alignment_covariance=st.alignment_covariance,
         alignment_drift=st.alignment_drift,
+        alignment_drift_map=st.alignment_drift_map,
+        alignment_drift_ridge=st.alignment_drift_ridge,
     )
 
 

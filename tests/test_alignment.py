@@ -235,3 +235,73 @@ def test_drift_compensation_moves_old_means_by_their_memory_samples_drift():
     assert torch.allclose(ctl.stats.means[:2], before[:2] + 1.0, atol=1e-4)
     assert torch.equal(ctl.stats.means[2], before[2])
     assert ctl.compensate_drift(memory) == 0  # measured once per task
+
+
+def test_drift_map_recovers_a_linear_change_and_tends_to_a_shift_under_a_large_ridge():
+    from cmtl.alignment import fit_drift_map
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=g) * torch.linspace(0.5, 3.0, 6)
+    w0 = torch.eye(6) + 0.3 * torch.randn(6, 6, generator=g)
+    b0 = torch.randn(6, generator=g)
+    y = x @ w0 + b0
+    w, b = fit_drift_map(x, y, ridge=1e-8)
+    assert torch.allclose(w.float(), w0, atol=1e-4) and torch.allclose(b.float(), b0, atol=1e-4)
+    w, b = fit_drift_map(x, y, ridge=1e8)  # nothing learnt: the identity and the mean change
+    assert torch.allclose(w, torch.eye(6, dtype=w.dtype), atol=1e-6)
+    assert torch.allclose(b.float(), (y - x).mean(0), atol=1e-4)
+    with pytest.raises(ValueError, match="ridge=0 must be > 0"):
+        fit_drift_map(x, y, ridge=0)
+    with pytest.raises(ValueError, match=r"before \(400, 6\) / after \(400, 5\)"):
+        fit_drift_map(x, y[:, :5])
+
+
+@pytest.mark.parametrize("covariance", ["full", "shared"])
+def test_linear_drift_compensation_moves_means_and_covariances_with_the_features(covariance):
+    """Features that became 2 f - beta + 1 over a task (the final norm's scale doubled, its bias
+    moved): the map fitted on the memory moves every class's covariance by 4 and every mean to
+    where its features went, including a class with no memory samples; "shift" moves means only."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cmtl.continual import EMTALConfig, EMTALController, class_features
+    from cmtl.model import CMTLModel
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=0)
+    images, labels = torch.randn(90, 3, 16, 16), torch.arange(3).repeat(30)
+    memory = [(images[labels < 2], labels[labels < 2])]  # class 2 has no memory samples
+    results = {}
+    for drift_map in ("shift", "linear"):
+        model = CMTLModel(vit, None, mode="cil")
+        cfg = EMTALConfig(
+            qr=None,
+            classifier_alignment=True,
+            alignment_drift=True,
+            alignment_covariance=covariance,
+            alignment_drift_map=drift_map,
+            alignment_drift_ridge=1e-6,
+            alignment_shrinkage=1e-6,  # the norm leaves one direction without variance and the map
+        )  # keeps the identity there; shrinkage would put variance into it
+        ctl = EMTALController(model, cfg)
+        ctl.start_task(3)
+        ctl.end_task([(images, labels)])
+        means, covs = ctl.stats.means.clone(), ctl.stats.covs.clone()
+        ctl.start_task(2)
+        ctl.note_memory(memory)
+        beta = model.backbone.norm.bias.detach().clone()
+        with torch.no_grad():
+            model.backbone.norm.weight.mul_(2.0)
+            model.backbone.norm.bias.add_(1.0)
+        assert ctl.compensate_drift(memory) == (3 if drift_map == "linear" else 2)
+        results[drift_map] = (means, covs, ctl.stats.means.clone(), ctl.stats.covs.clone())
+        with torch.no_grad():  # undo, for the next map
+            model.backbone.norm.weight.div_(2.0)
+            model.backbone.norm.bias.sub_(1.0)
+    means, covs, moved, moved_covs = results["linear"]
+    assert torch.allclose(moved, 2 * means - beta + 1, atol=1e-3)
+    assert torch.allclose(moved_covs.double(), 4 * covs.double(), rtol=1e-3, atol=1e-4)
+    feats, _ = class_features(model, [(images, labels)])
+    assert not torch.allclose(feats, feats.mean(0))  # the features do vary, so the covariances say something
+    means, covs, moved, moved_covs = results["shift"]
+    assert torch.equal(moved_covs, covs) and torch.equal(moved[2], means[2])
+    assert not torch.allclose(moved[:2], means[:2])

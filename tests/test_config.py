@@ -180,6 +180,11 @@ BAD_FILES = [
     ("strategy: {alignment_samples: 0}\n", "'strategy.alignment_samples' must be > 0, got 0"),
     ("strategy: {alignment_shrinkage: 0}\n", "'strategy.alignment_shrinkage' must be in (0, 1], got 0"),
     ("strategy: {alignment_shrinkage: 1.5}\n", "'strategy.alignment_shrinkage' must be in (0, 1], got 1.5"),
+    ("strategy: {alignment_drift_ridge: 0}\n", "'strategy.alignment_drift_ridge' must be > 0, got 0"),
+    (
+        "strategy: {alignment_drift_map: affine}\n",
+        "'strategy.alignment_drift_map' is 'affine' (did you mean 'linear'?); valid: shift, linear",
+    ),
     ("strategy: {head_lr: 0}\n", "'strategy.head_lr' must be > 0, got 0"),
     ("strategy: {name: emtall}\n", "'strategy.name' is 'emtall' (did you mean 'emtal'?); valid: emtal, "),
     ("strategy: {name: foo}\n", "valid: emtal, emtal_no_qr, emtal_no_moe, emtal_no_fading, naive"),
