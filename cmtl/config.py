@@ -523,12 +523,12 @@ class StrategyConfig(_Section):
         alignment_covariance: What the statistics keep of a class's spread: "full" (its own
             covariance, features^2 numbers per class) or "shared" (one covariance pooled over all
             classes, stored once).
-        alignment_drift: Before that re-fit, move each old class's mean by how far its replay-memory
-            samples' features moved over the task (semantic drift compensation on the memory).
-        alignment_drift_map: How: "shift" moves each class's mean by its own memory samples' mean
-            change; "linear" fits one linear map to all memory samples' features before and after
-            the task, which moves every class's covariance as well (each mean still by its own
-            samples' change plus the map of its offset from them).
+        alignment_drift: Before that re-fit, move the old classes' statistics by how their
+            replay-memory samples' features moved over the task (drift compensation on the memory).
+        alignment_drift_map: How: "linear" fits one linear map to all memory samples' features
+            before and after the task, which moves every class's covariance as well as its mean
+            (each mean by its own samples' change plus the map of its offset from them); "shift"
+            moves each class's mean by its own memory samples' mean change alone.
         alignment_drift_ridge: The linear map's pull toward the identity (> 0), in units of the
             memory features' mean variance.
         lwf_alpha: LwF distillation weight.
@@ -578,7 +578,7 @@ class StrategyConfig(_Section):
     alignment_shrinkage: float = SHRINKAGE
     alignment_covariance: str = "full"
     alignment_drift: bool = False
-    alignment_drift_map: str = "shift"
+    alignment_drift_map: str = "linear"
     alignment_drift_ridge: float = DRIFT_RIDGE
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0

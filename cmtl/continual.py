@@ -96,12 +96,12 @@ class EMTALConfig:
         alignment_samples: features sampled per class for that re-fit.
         alignment_shrinkage: pull of each class covariance toward its mean variance, in (0, 1].
         alignment_covariance: "full" or "shared" (see `cmtl.alignment.ClassStatistics`).
-        alignment_drift: before the re-fit, move each old class's mean by how far the features of
-            its memory samples moved over the task (semantic drift compensation, Yu et al. 2020,
-            measured on the replay memory instead of estimated from the new task's images).
-        alignment_drift_map: "shift" (each class's mean by its own memory samples' mean change) or
-            "linear" (one ridge-regularised linear map fitted on all memory samples also moves the
-            covariances; see `cmtl.alignment.DRIFT_MAPS`).
+        alignment_drift: before the re-fit, move the old classes' statistics by how the features of
+            their memory samples moved over the task (drift compensation measured on the replay
+            memory instead of estimated from the new task's images).
+        alignment_drift_map: "linear" (one ridge-regularised linear map fitted on all memory
+            samples moves means and covariances) or "shift" (each class's mean by its own memory
+            samples' mean change; see `cmtl.alignment.DRIFT_MAPS`).
         alignment_drift_ridge: that map's pull toward the identity (`cmtl.alignment.fit_drift_map`).
     """
 
@@ -117,7 +117,7 @@ class EMTALConfig:
     alignment_shrinkage: float = SHRINKAGE
     alignment_covariance: str = "full"
     alignment_drift: bool = False
-    alignment_drift_map: str = "shift"
+    alignment_drift_map: str = "linear"
     alignment_drift_ridge: float = DRIFT_RIDGE
 
     def __post_init__(self) -> None:

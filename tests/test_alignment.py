@@ -208,10 +208,10 @@ def test_plugin_aligns_every_strategy_with_a_class_incremental_head(name):
         assert find_emtal_plugin(strategy).controller.stats.classes.tolist() == sorted(seen)
 
 
-def test_drift_compensation_moves_old_means_by_their_memory_samples_drift():
-    """Features that moved by +1 in every dimension over a task (the final norm's bias changed)
-    move the stored means of the classes in the memory by exactly that; a class without memory
-    samples keeps its mean."""
+def test_shift_drift_compensation_moves_old_means_by_their_memory_samples_drift():
+    """`alignment_drift_map: shift`: features that moved by +1 in every dimension over a task (the
+    final norm's bias changed) move the stored means of the classes in the memory by exactly that;
+    a class without memory samples keeps its mean."""
     from timm.models.vision_transformer import VisionTransformer
 
     from cmtl.continual import EMTALConfig, EMTALController
@@ -220,7 +220,7 @@ def test_drift_compensation_moves_old_means_by_their_memory_samples_drift():
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
     model = CMTLModel(vit, None, mode="cil")
-    cfg = EMTALConfig(qr=None, classifier_alignment=True, alignment_drift=True)
+    cfg = EMTALConfig(qr=None, classifier_alignment=True, alignment_drift=True, alignment_drift_map="shift")
     ctl = EMTALController(model, cfg)
     ctl.start_task(3)
     images, labels = torch.randn(30, 3, 16, 16), torch.arange(3).repeat(10)

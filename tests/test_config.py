@@ -183,7 +183,7 @@ BAD_FILES = [
     ("strategy: {alignment_drift_ridge: 0}\n", "'strategy.alignment_drift_ridge' must be > 0, got 0"),
     (
         "strategy: {alignment_drift_map: affine}\n",
-        "'strategy.alignment_drift_map' is 'affine' (did you mean 'linear'?); valid: shift, linear",
+        "'strategy.alignment_drift_map' is 'affine' (did you mean 'linear'?); valid: linear, shift",
     ),
     ("strategy: {head_lr: 0}\n", "'strategy.head_lr' must be > 0, got 0"),
     ("strategy: {name: emtall}\n", "'strategy.name' is 'emtall' (did you mean 'emtal'?); valid: emtal, "),
