@@ -216,6 +216,8 @@ class EMTALController:
         if not torch.equal(end_labels, labels):
             logger.warning("the replay memory changed inside task %d; no drift compensation", self.task)
             return 0
+        if torch.equal(start, end):
+            return 0  # nothing moved (a frozen backbone): leave the statistics bit for bit
         if self.config.alignment_drift_map == "linear":
             return self._transport(start, end, labels)
         moved = 0

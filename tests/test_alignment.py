@@ -305,3 +305,27 @@ def test_linear_drift_compensation_moves_means_and_covariances_with_the_features
     means, covs, moved, moved_covs = results["shift"]
     assert torch.equal(moved_covs, covs) and torch.equal(moved[2], means[2])
     assert not torch.allclose(moved[:2], means[:2])
+
+
+def test_drift_compensation_leaves_statistics_alone_when_no_feature_moved():
+    """A frozen backbone: the map would be the identity up to rounding, which a re-fit by L-BFGS
+    can amplify; the statistics stay bit for bit instead."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cmtl.continual import EMTALConfig, EMTALController
+    from cmtl.model import CMTLModel
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=0)
+    images, labels = torch.randn(40, 3, 16, 16), torch.arange(2).repeat(20)
+    ctl = EMTALController(
+        CMTLModel(vit, None, mode="cil"),
+        EMTALConfig(qr=None, classifier_alignment=True, alignment_drift=True),
+    )
+    ctl.start_task(2)
+    ctl.end_task([(images, labels)])
+    means, covs = ctl.stats.means.clone(), ctl.stats.covs.clone()
+    ctl.start_task(2)
+    ctl.note_memory([(images, labels)])
+    assert ctl.compensate_drift([(images, labels)]) == 0
+    assert torch.equal(ctl.stats.means, means) and torch.equal(ctl.stats.covs, covs)
