@@ -187,7 +187,11 @@ class ClassStatistics:
             )
         w = weight.double()
         self.means = means.to(self.means)
-        self.covs = (w.T @ self.covs.double() @ w).to(self.covs.dtype)
+        if self.covariance == "shared":
+            self.covs = w.T @ self.covs @ w
+            return
+        for i in range(len(self.covs)):  # one at a time: all C x D x D in float64 is 0.9 GB at 200 classes of 768
+            self.covs[i] = (w.T @ self.covs[i].double() @ w).to(self.covs.dtype)
 
     @torch.no_grad()
     def sample(
