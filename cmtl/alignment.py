@@ -190,7 +190,8 @@ class ClassStatistics:
         if self.covariance == "shared":
             self.covs = w.T @ self.covs @ w
             return
-        for i in range(len(self.covs)):  # one at a time: all C x D x D in float64 is 0.9 GB at 200 classes of 768
+        # one class at a time: all C x D x D in float64 would be 0.9 GB at 200 classes of 768
+        for i in range(len(self.covs)):
             self.covs[i] = (w.T @ self.covs[i].double() @ w).to(self.covs.dtype)
 
     @torch.no_grad()
