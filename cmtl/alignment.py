@@ -201,11 +201,17 @@ class ClassStatistics:
         """`per_class` features drawn from every stored class's Gaussian, and their classes."""
         if per_class < 1:
             raise ValueError(f"per_class={per_class} must be >= 1")
-        z = torch.randn(len(self), per_class, self.means.shape[1], generator=generator, dtype=torch.float64)
-        covs = self.shared_covariance()[None] if self.covariance == "shared" else self.covs.double()
-        chol = torch.linalg.cholesky(covs)  # shrinkage > 0 keeps the covariances positive definite
-        x = self.means.double()[:, None, :] + z @ chol.transpose(1, 2)
-        return x.reshape(-1, x.shape[-1]).float(), self.classes.repeat_interleave(per_class)
+        dim = self.means.shape[1]
+        # one class at a time into a float32 result: drawing every class at once in float64 held
+        # three C x per_class x D copies (5 GB each at 200 classes of 768 and 4096 samples)
+        x = torch.empty(len(self), per_class, dim)
+        shared = torch.linalg.cholesky(self.shared_covariance()) if self.covariance == "shared" else None
+        for i in range(len(self)):
+            # shrinkage > 0 keeps the covariances positive definite
+            chol = shared if shared is not None else torch.linalg.cholesky(self.covs[i].double())
+            z = torch.randn(per_class, dim, generator=generator, dtype=torch.float64)
+            x[i] = self.means[i].double() + z @ chol.T
+        return x.reshape(-1, dim), self.classes.repeat_interleave(per_class)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"classes": self.classes, "means": self.means, "covs": self.covs}

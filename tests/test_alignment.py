@@ -37,7 +37,8 @@ def test_samples_follow_each_class_gaussian_and_state_round_trips():
     stats = ClassStatistics()
     stats.update(x, y)
     sx, sy = stats.sample(4000, torch.Generator().manual_seed(1))
-    assert sx.shape == (12000, 8) and sy.tolist() == [0] * 4000 + [1] * 4000 + [2] * 4000
+    assert sx.shape == (12000, 8) and sx.dtype == torch.float32
+    assert sy.tolist() == [0] * 4000 + [1] * 4000 + [2] * 4000
     for c in range(3):
         assert torch.allclose(sx[sy == c].mean(0), stats.means[c], atol=0.1)
         assert torch.allclose(torch.cov(sx[sy == c].T), stats.covs[c], atol=0.15)
