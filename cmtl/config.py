@@ -28,6 +28,7 @@ from cmtl import optim
 from cmtl.alignment import COVARIANCES, DRIFT_MAPS, DRIFT_RIDGE, SHRINKAGE
 from cmtl.heads import HEAD_INITS
 from cmtl.losses import list_distill_losses
+from cmtl.model import BASE_GROUPS
 from cmtl.qr import BANK_UPDATES, DISTILL_WEIGHTS, SELECTIONS, STORAGES, WEIGHTINGS
 from cmtl.registry import closest
 
@@ -465,8 +466,13 @@ class StrategyConfig(_Section):
         eval_batch_size: Evaluation batch size.
         optimizer: "adamw", "adam" or "sgd".
         lr: Peak learning rate.
-        backbone_lr: Peak learning rate of the full fine-tuning strategies (naive, der, replay, lwf,
-            ewc, joint), which move every pre-trained weight; None uses `lr`.
+        backbone_lr: Peak learning rate of the pre-trained weights wherever they are trained: all of
+            them in the full fine-tuning strategies (naive, der, replay, lwf, ewc, joint), the
+            `tune_base` groups in the others; None uses `lr`.
+        tune_base: Groups of pre-trained weights the adapter strategies (and `frozen`) train
+            directly at `backbone_lr`, next to the adapters: "embed" (patch and position
+            embeddings, class token), "norms" (every LayerNorm). Consolidated models keep plain
+            timm's modules and cost. Empty (the default): only adapters and heads are trained.
         head_lr: Peak learning rate of the classifier heads, for every strategy; None: the same as
             the rest of the strategy's parameters (`lr`, or `backbone_lr` for full fine-tuning).
         weight_decay: Weight decay.
@@ -548,6 +554,7 @@ class StrategyConfig(_Section):
     optimizer: str = "adamw"
     lr: float = 1e-3
     backbone_lr: float | None = None
+    tune_base: list[str] = field(default_factory=list)
     head_lr: float | None = None
     weight_decay: float = 0.01
     momentum: float = 0.9
@@ -599,6 +606,14 @@ class StrategyConfig(_Section):
         _one_of(self, "head_init", HEAD_INITS)
         _one_of(self, "alignment_covariance", COVARIANCES)
         _one_of(self, "alignment_drift_map", DRIFT_MAPS)
+        for i, group in enumerate(self.tune_base):
+            if group not in BASE_GROUPS:
+                near = closest(group, list(BASE_GROUPS))
+                raise ConfigError(
+                    f"config key {self._key('tune_base') + f'[{i}]'!r} is {_short(group)}"
+                    f"{f' (did you mean {near!r}?)' if near else ''}; "
+                    f"valid: {', '.join(BASE_GROUPS)}"
+                )
         _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "backbone_lr", "head_lr")
         _positive(self, "qr_temperature")
         _positive(self, "lwf_temperature", "buffer_per_class", "checkpoint_every_epochs", "replay_batch_size")

@@ -29,6 +29,7 @@ from cmtl.moefy import find_mlps, moefy_vit
 logger = logging.getLogger(__name__)
 
 ATTN_TARGETS = ("qkv", "proj")
+BASE_GROUPS = ("embed", "norms")  # pre-trained weights an adapter strategy may train directly
 
 
 @dataclass
@@ -98,6 +99,7 @@ class CMTLModel(nn.Module):
         self.heads = TaskHeads(backbone.num_features, mode=mode)
         self.open_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self.tuned_base: tuple[str, ...] = ()
         self.backbone.requires_grad_(False)
         self._moefied = False
         if adapter is not None and adapter.moe:
@@ -290,14 +292,51 @@ class CMTLModel(nn.Module):
         self.merged_adapters += self.open_adapters
         self.open_adapters = []
         self.backbone.requires_grad_(False)
+        self.tune_base(self.tuned_base)
         self._moefied = False
         return self.backbone
 
     def set_backbone_trainable(self, trainable: bool = True) -> None:
-        """Unfreeze (or freeze) the base weights, for full fine-tuning baselines."""
+        """Unfreeze (or freeze) the base weights, for full fine-tuning baselines.
+
+        Freezing keeps the `tune_base` groups trainable."""
         for name, p in self.backbone.named_parameters():
             if ".base_layer." in name or not any(k in name for k in ("lora_", ".router.")):
                 p.requires_grad_(trainable)
+        if not trainable:
+            self.tune_base(self.tuned_base)
+
+    def tune_base(self, groups: tuple[str, ...] | list[str]) -> None:
+        """Train these groups of pre-trained weights directly, next to the adapters.
+
+        "embed": the patch embedding, position embedding and class (and register) tokens;
+        "norms": every LayerNorm's scale and shift. They are plain timm weights, so a consolidated
+        model still has the same modules and cost. Groups left out are frozen again; the choice
+        survives `consolidate`. `tuned_base_parameters` lists what is trained.
+        """
+        bad = [g for g in groups if g not in BASE_GROUPS]
+        if bad:
+            raise ValueError(f"unknown base weight group {bad[0]!r}; valid: {', '.join(BASE_GROUPS)}")
+        for p in self.tuned_base_parameters():
+            p.requires_grad_(False)
+        self.tuned_base = tuple(dict.fromkeys(groups))
+        for p in self.tuned_base_parameters():
+            p.requires_grad_(True)
+
+    def tuned_base_parameters(self) -> list[nn.Parameter]:
+        """The pre-trained weights in the `tune_base` groups (empty when none are chosen)."""
+        vit = self.backbone
+        params: list[nn.Parameter] = []
+        if "embed" in self.tuned_base:
+            params += list(vit.patch_embed.parameters())
+            params += [
+                p
+                for p in (getattr(vit, n, None) for n in ("pos_embed", "cls_token", "reg_token"))
+                if isinstance(p, nn.Parameter)
+            ]
+        if "norms" in self.tuned_base:
+            params += [p for m in vit.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+        return list({id(p): p for p in params}.values())
 
     # -- timm protocol --------------------------------------------------------------------------
 

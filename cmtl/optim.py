@@ -51,16 +51,28 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def scale_group(optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter], scale: float) -> int:
-    """Move `params` (those the optimiser holds) into a parameter group of their own whose learning
-    rate `set_lr` scales by `scale`; every other parameter goes back into the first group. Returns
-    how many were moved. The groups' optimiser state is kept (it is per parameter)."""
-    ids = {id(p) for p in params}
+def scale_groups(
+    optimizer: torch.optim.Optimizer,
+    groups: Iterable[tuple[Iterable[torch.nn.Parameter], float]],
+) -> list[int]:
+    """Regroup the parameters the optimiser holds: each `(params, scale)` pair becomes a parameter
+    group of its own whose learning rate `set_lr` scales by `scale` (a parameter listed twice goes
+    to the first pair); every other parameter goes back into the first group. Returns how many
+    moved into each pair's group. The optimiser state is kept (it is per parameter)."""
     held = [p for group in optimizer.param_groups for p in group["params"]]
-    moved = [p for p in held if id(p) in ids]
-    optimizer.param_groups[0]["params"] = [p for p in held if id(p) not in ids]
+    placed: dict[int, int] = {}
+    scales = []
+    for i, (params, scale) in enumerate(groups):
+        for p in params:
+            placed.setdefault(id(p), i)
+        scales.append(scale)
+    optimizer.param_groups[0]["params"] = [p for p in held if id(p) not in placed]
     optimizer.param_groups[0].pop("lr_scale", None)
     del optimizer.param_groups[1:]
-    if moved:
-        optimizer.add_param_group({"params": moved, "lr_scale": scale})
-    return len(moved)
+    counts = []
+    for i, scale in enumerate(scales):
+        moved = [p for p in held if placed.get(id(p)) == i]
+        counts.append(len(moved))
+        if moved:
+            optimizer.add_param_group({"params": moved, "lr_scale": scale})
+    return counts

@@ -21,7 +21,7 @@ from cmtl.continual import EMTALConfig, init_heads
 from cmtl.distributed import is_distributed
 from cmtl.heads import check_head_init
 from cmtl.model import CMTLModel
-from cmtl.optim import lr_factor, make_optimizer, scale_group, set_lr
+from cmtl.optim import lr_factor, make_optimizer, scale_groups, set_lr
 from cmtl.recipes import StrategySpec
 
 from .distributed import DistributedSync
@@ -82,9 +82,10 @@ class _FreshOptimizer:
     fetch_rng = None
     _skip_to = None
 
-    def __init__(self, *args, head_lr_scale: float = 1.0, **kwargs):
-        """`head_lr_scale`: the heads' learning rate relative to the rest (`StrategyConfig.head_lr`)."""
-        self.head_lr_scale = head_lr_scale
+    def __init__(self, *args, head_lr_scale: float = 1.0, base_lr_scale: float = 1.0, **kwargs):
+        """`head_lr_scale`: the heads' learning rate relative to the rest (`StrategyConfig.head_lr`);
+        `base_lr_scale`: the same for the pre-trained weights chosen by `CMTLModel.tune_base`."""
+        self.head_lr_scale, self.base_lr_scale = head_lr_scale, base_lr_scale
         super().__init__(*args, **kwargs)
 
     def _train_exp(self, experience, eval_streams=None, **kwargs):
@@ -127,8 +128,13 @@ class _FreshOptimizer:
         kwargs["reset_optimizer_state"] = True
         kwargs["remove_params"] = True
         super().make_optimizer(**kwargs)
-        if self.head_lr_scale != 1.0:  # Avalanche places the new heads by name; regroup them every time
-            scale_group(self.optimizer, self.model.cmtl.heads.parameters(), self.head_lr_scale)
+        # Avalanche places new parameters (heads, re-MoEfied layers) by name; regroup every time
+        model = self.model.cmtl
+        groups = [(model.heads.parameters(), self.head_lr_scale)] if self.head_lr_scale != 1.0 else []
+        if self.base_lr_scale != 1.0 and model.tuned_base:
+            groups.append((model.tuned_base_parameters(), self.base_lr_scale))
+        if groups:
+            scale_groups(self.optimizer, groups)
 
     def make_eval_dataloader(self, num_workers=0, **kwargs):
         super().make_eval_dataloader(num_workers=num_workers, **kwargs)
@@ -244,8 +250,11 @@ def build_strategy(
     come first, so their callbacks see each step before the strategy's own plugins.
     """
     model.set_backbone_trainable(spec.backbone_trainable)
+    if not spec.backbone_trainable:
+        model.tune_base(st.tune_base)
     net = AvalancheCMTL(model)
     lr = st.backbone_lr if spec.backbone_trainable and st.backbone_lr is not None else st.lr
+    base_lr = st.lr if st.backbone_lr is None else st.backbone_lr
     common = dict(
         criterion=torch.nn.CrossEntropyLoss(),
         train_mb_size=st.batch_size,
@@ -255,6 +264,7 @@ def build_strategy(
         evaluator=evaluator,
         eval_every=-1,
         head_lr_scale=1.0 if st.head_lr is None else st.head_lr / lr,
+        base_lr_scale=base_lr / lr,
     )
     extra: list[SupervisedPlugin] = [TaskLRSchedule(lr, st.scheduler, st.warmup_epochs)]
     if spec.avalanche == "joint":

@@ -485,3 +485,25 @@ def test_probe_head_fits_only_the_newest_rows_of_the_classes_present():
         heads.fit(x, y + 2)
     with pytest.raises(ValueError, match=r"do not fit heads range\(1, 2\)"):
         heads.fit(x[:, :1], y)
+
+
+def test_tune_base_chooses_pre_trained_weights_that_stay_trainable_through_consolidation():
+    model = CMTLModel(tiny_vit(), AdapterConfig(num_experts=4, rank=2))
+    vit = model.backbone
+    assert model.tuned_base_parameters() == []
+    model.tune_base(["embed"])
+    embed = {id(p) for p in [*vit.patch_embed.parameters(), vit.pos_embed, vit.cls_token]}
+    assert {id(p) for p in model.tuned_base_parameters()} == embed
+    model.tune_base(["norms"])  # the embedding is frozen again
+    assert not vit.pos_embed.requires_grad and vit.blocks[0].norm2.weight.requires_grad
+    model.set_backbone_trainable(False)
+    model.add_task(3)
+    assert vit.norm.weight.requires_grad
+    model.set_fading(0.0)
+    model.consolidate()
+    assert (
+        model.backbone.norm.weight.requires_grad
+        and not model.backbone.blocks[0].attn.qkv.weight.requires_grad
+    )
+    with pytest.raises(ValueError, match="'norm'.*valid: embed, norms"):
+        model.tune_base(["norm"])

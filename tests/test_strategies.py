@@ -358,3 +358,65 @@ def test_head_lr_puts_every_head_in_a_group_of_its_own_at_that_rate(name):
     for n_groups, heads_apart, rest_apart, ratio in seen:
         assert n_groups == 2 and heads_apart and rest_apart
         assert ratio == pytest.approx(expected)
+
+
+def test_tune_base_trains_those_weights_in_every_task_at_backbone_lr():
+    """`strategy.tune_base`: the chosen pre-trained weights sit in a group of their own at
+    backbone_lr's share of the schedule and keep training after each task's consolidation."""
+    from avalanche.core import SupervisedPlugin
+    from cmtl.strategies import build_strategy
+
+    cfg = _small_cfg()
+    cfg.scenario.mode = "cil"
+    cfg.strategy.lr, cfg.strategy.backbone_lr, cfg.strategy.head_lr = 1e-3, 1e-4, 4e-3
+    cfg.strategy.tune_base = ["embed", "norms"]
+    spec = strategy_spec("emtal", cfg.model, cfg.strategy)
+    model = CMTLModel(_vit(), spec.adapter, mode="cil")
+    seen = []
+
+    class Look(SupervisedPlugin):
+        def after_forward(self, strategy, **kwargs):
+            if strategy.clock.train_exp_iterations == 0:
+                base_ids = {id(p) for p in model.tuned_base_parameters()}
+                lrs = {
+                    frozenset(id(p) for p in g["params"]) == base_ids: g["lr"]
+                    for g in strategy.optimizer.param_groups
+                }
+                seen.append((len(strategy.optimizer.param_groups), lrs.get(True), max(lrs.values())))
+
+    stream = _stream("cil", n_tasks=2, max_per_class=8)
+    strategy = build_strategy(
+        spec, model, cfg.strategy, classes_per_task=[2, 2], evaluator=_evaluator(), plugins=[Look()]
+    )
+    vit = model.backbone
+    for exp in stream.benchmark.train_stream:
+        before = [
+            t.detach().clone()
+            for t in (vit.patch_embed.proj.weight, vit.pos_embed, vit.blocks[0].norm1.weight, vit.norm.bias)
+        ]
+        strategy.train(exp)
+        after = (vit.patch_embed.proj.weight, vit.pos_embed, vit.blocks[0].norm1.weight, vit.norm.bias)
+        assert all(not torch.equal(a, b) for a, b in zip(after, before)), "a tuned weight did not move"
+        assert all(p.requires_grad for p in model.tuned_base_parameters())
+    assert len(seen) == 2
+    for n_groups, base_lr, head_lr in seen:
+        assert n_groups == 3  # adapters, heads, tuned base weights
+        assert base_lr / head_lr == pytest.approx(1e-4 / 4e-3)
+    assert not model.open_adapters
+
+
+def test_frozen_with_tuned_norms_changes_only_the_norms():
+    from cmtl.strategies import build_strategy
+
+    cfg = _small_cfg()
+    cfg.strategy.tune_base = ["norms"]
+    spec = strategy_spec("frozen", cfg.model, cfg.strategy)
+    model = CMTLModel(_vit(), spec.adapter, mode="til")
+    base = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    strategy = build_strategy(spec, model, cfg.strategy, evaluator=_evaluator())
+    for exp in _stream("til", n_tasks=2, max_per_class=8).benchmark.train_stream:
+        strategy.train(exp)
+    changed = {k for k, v in model.backbone.state_dict().items() if not torch.equal(v, base[k])}
+    norms = {k for k in base if ".norm" in k or k.startswith("norm.")}
+    assert changed and changed <= norms
+    assert {k for k in norms if k.endswith("weight")} <= changed
