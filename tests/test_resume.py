@@ -128,6 +128,12 @@ def _signal_inside_task(monkeypatch, task, epoch, step):
             1,
             0,
         ),
+        # three parameter groups (adapters, heads, tuned pre-trained weights) in the optimiser state
+        (
+            ["strategy.tune_base=[embed,norms]", "strategy.backbone_lr=1e-4", "strategy.head_lr=3e-3"],
+            1,
+            1,
+        ),
     ],
     ids=[
         "emtal-k2-mid",
@@ -141,6 +147,7 @@ def _signal_inside_task(monkeypatch, task, epoch, step):
         "emtal-refresh",
         "emtal-cil-aligned-drift",
         "emtal-cil-aligned-shared",
+        "emtal-tune-base-groups",
     ],
 )
 def test_interrupted_inside_a_task_resumes_to_identical_results(tmp_path, monkeypatch, extra, epoch, step):
