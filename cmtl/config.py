@@ -537,6 +537,9 @@ class StrategyConfig(_Section):
             moves each class's mean by its own memory samples' mean change alone.
         alignment_drift_ridge: The linear map's pull toward the identity (> 0), in units of the
             memory features' mean variance.
+        alignment_drift_task_samples: Fit that linear map on up to this many of the new task's
+            training images per class too (their features at the task's start and end; one more
+            pass over them at the start); 0: on the memory alone.
         lwf_alpha: LwF distillation weight.
         lwf_temperature: LwF temperature.
         ewc_lambda: EWC penalty weight.
@@ -587,6 +590,7 @@ class StrategyConfig(_Section):
     alignment_drift: bool = False
     alignment_drift_map: str = "linear"
     alignment_drift_ridge: float = DRIFT_RIDGE
+    alignment_drift_task_samples: int = 0
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
     ewc_lambda: float = 100.0
@@ -620,6 +624,13 @@ class StrategyConfig(_Section):
         _positive(self, "qr_in_task_max_weight", "alignment_samples", "alignment_drift_ridge")
         _non_negative(self, "weight_decay", "warmup_epochs", "buffer_size", "num_workers")
         _non_negative(self, "qr_lambda", "qr_ce_weight", "lwf_alpha", "ewc_lambda")
+        _non_negative(self, "alignment_drift_task_samples")
+        if self.alignment_drift_task_samples and self.alignment_drift_map != "linear":
+            raise ConfigError(
+                f"config key {self._key('alignment_drift_task_samples')!r} is "
+                f"{self.alignment_drift_task_samples}, which needs 'strategy.alignment_drift_map' "
+                f"linear (it is {self.alignment_drift_map!r}); valid: 0, or a linear drift map"
+            )
         if not 0.0 <= self.momentum < 1.0:
             _fail(self._key("momentum"), self.momentum, "in [0, 1)")
         if self.warmup_epochs > self.epochs:

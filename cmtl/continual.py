@@ -63,6 +63,26 @@ def class_features(
     return torch.cat([f for f, _ in pairs]), torch.cat([y for _, y in pairs])
 
 
+def _first_per_class(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], per_class: int, positions: list[torch.Tensor]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `per_class` samples of each class of `batches`, batch by batch; appends their
+    positions in the whole sequence to `positions` as it goes."""
+    counts: dict[int, int] = {}
+    offset = 0
+    for x, y in batches:
+        y = torch.as_tensor(y).long()
+        keep = torch.zeros(len(y), dtype=torch.bool)
+        for i, c in enumerate(y.tolist()):
+            if counts.get(c, 0) < per_class:
+                counts[c] = counts.get(c, 0) + 1
+                keep[i] = True
+        if keep.any():
+            positions.append(keep.nonzero().flatten() + offset)
+            yield x[keep], y[keep]
+        offset += len(y)
+
+
 def fading_coefficient(step: int, total: int, start: float = 0.0, end: float = 0.55) -> float:
     """EMTAL's linear ramp: a = 1 before `start`, 0 after `end` (fractions of the task's steps)."""
     if total <= 0:
@@ -103,6 +123,11 @@ class EMTALConfig:
             samples moves means and covariances) or "shift" (each class's mean by its own memory
             samples' mean change; see `cmtl.alignment.DRIFT_MAPS`).
         alignment_drift_ridge: that map's pull toward the identity (`cmtl.alignment.fit_drift_map`).
+        alignment_drift_task_samples: fit that linear map on up to this many of the new task's
+            training images per class as well (their features at the task's start and end), not
+            on the memory alone; 0: the memory alone. The new classes have no statistics yet, so
+            their images only pin down the map (as Learnable Drift Compensation fits it on the
+            new task's data alone).
     """
 
     fading_start: float = 0.0
@@ -119,6 +144,7 @@ class EMTALConfig:
     alignment_drift: bool = False
     alignment_drift_map: str = "linear"
     alignment_drift_ridge: float = DRIFT_RIDGE
+    alignment_drift_task_samples: int = 0
 
     def __post_init__(self) -> None:
         check_head_init(self.head_init)
@@ -128,6 +154,14 @@ class EMTALConfig:
             raise ValueError(f"alignment_drift_ridge={self.alignment_drift_ridge} must be > 0")
         if self.alignment_samples < 1:
             raise ValueError(f"alignment_samples={self.alignment_samples} must be >= 1")
+        if self.alignment_drift_task_samples < 0:
+            raise ValueError(f"alignment_drift_task_samples={self.alignment_drift_task_samples} must be >= 0")
+        if self.alignment_drift_task_samples and self.alignment_drift_map != "linear":
+            raise ValueError(
+                f"alignment_drift_task_samples={self.alignment_drift_task_samples} needs "
+                f"alignment_drift_map 'linear', not {self.alignment_drift_map!r} (a shift moves each "
+                "class by its own memory samples; the new task's images have no class to move)"
+            )
         if not 0.0 < self.alignment_shrinkage <= 1.0:
             raise ValueError(f"alignment_shrinkage={self.alignment_shrinkage} must be in (0, 1]")
         if not 0.0 <= self.fading_start <= self.fading_end <= 1.0:
@@ -153,6 +187,9 @@ class EMTALController:
             else None
         )
         self.memory_start: tuple[torch.Tensor, torch.Tensor] | None = None  # drift: features at task start
+        # drift, `alignment_drift_task_samples`: the new task's chosen images' features at its start
+        # and their positions in the task's training batches
+        self.task_start: tuple[torch.Tensor, torch.Tensor] | None = None
         self.pool_batch_size = pool_batch_size
         self.task = -1
         self.step = 0
@@ -191,23 +228,43 @@ class EMTALController:
             old_batches = self._buffer_batches()
         return init_heads(self.model, self.config.head_init, batches, old_batches=old_batches)
 
-    def note_memory(self, memory: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    def note_memory(
+        self,
+        memory: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
         """With `alignment_drift`: the features of the replay memory (None: the QR buffer) as the task
-        starts, to measure at its end how far each old class's features moved."""
-        self.memory_start = None
+        starts, to measure at its end how far each old class's features moved. With
+        `alignment_drift_task_samples`, also those of the first that many images per class of
+        `batches` (the task's un-augmented training images, in the order `end_task` gets them)."""
+        self.memory_start = self.task_start = None
         if self.stats is None or not self.config.alignment_drift or self.model.mode != "cil":
             return
         feats, labels = class_features(self.model, self._buffer_batches() if memory is None else memory)
-        if len(labels):
-            self.memory_start = (feats, labels)
+        if not len(labels):
+            return
+        self.memory_start = (feats, labels)
+        per_class = self.config.alignment_drift_task_samples
+        if per_class and batches is not None and len(self.stats):
+            chosen: list[torch.Tensor] = []
+            taken = _first_per_class(batches, per_class, chosen)
+            task_feats, _ = class_features(self.model, taken)
+            if len(task_feats):
+                self.task_start = (task_feats, torch.cat(chosen))
 
     @torch.no_grad()
-    def compensate_drift(self, memory: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> int:
+    def compensate_drift(
+        self,
+        memory: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        task_features: torch.Tensor | None = None,
+    ) -> int:
         """Move every old class's stored statistics by how its memory samples' features changed since
         `note_memory` (same samples, same order: the memory does not change inside a task): each
         mean by its samples' mean change ("shift"), or through one linear map fitted on all of them,
         which moves the covariances too ("linear"; classes without memory samples follow the map
-        alone). Returns the number of classes moved."""
+        alone). `task_features`: the features now of every image of the task's batches, in order;
+        the map is fitted on those `note_memory` chose too. Returns the number of classes moved."""
+        task_start, self.task_start = self.task_start, None
         if self.memory_start is None:
             return 0
         start, labels = self.memory_start
@@ -219,18 +276,37 @@ class EMTALController:
         if torch.equal(start, end):
             return 0  # nothing moved (a frozen backbone): leave the statistics bit for bit
         if self.config.alignment_drift_map == "linear":
-            return self._transport(start, end, labels)
+            extra = None
+            if task_start is not None and task_features is not None:
+                feats, positions = task_start
+                if len(task_features) > int(positions.max()):
+                    extra = (feats, task_features[positions])
+                else:
+                    logger.warning(
+                        "task %d has fewer images than at its start; drift on the memory alone", self.task
+                    )
+            return self._transport(start, end, labels, extra)
         moved = 0
         for c in torch.unique(labels).tolist():
             moved += self.stats.shift(c, (end[labels == c] - start[labels == c]).mean(0))
         return moved
 
-    def _transport(self, start: torch.Tensor, end: torch.Tensor, labels: torch.Tensor) -> int:
+    def _transport(
+        self,
+        start: torch.Tensor,
+        end: torch.Tensor,
+        labels: torch.Tensor,
+        extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> int:
         """`compensate_drift` by one linear map: mean_c -> end_c + (mean_c - start_c) W, where
-        start_c / end_c are class c's memory mean before / after (mean_c W + b without memory)."""
+        start_c / end_c are class c's memory mean before / after (mean_c W + b without memory).
+        `extra`: more (before, after) features the map is fitted on (the new task's images)."""
         if len(labels) < 2 or not len(self.stats):
             return 0
-        weight, bias = fit_drift_map(start, end, self.config.alignment_drift_ridge)
+        before, after = (
+            (start, end) if extra is None else (torch.cat([start, extra[0]]), torch.cat([end, extra[1]]))
+        )
+        weight, bias = fit_drift_map(before, after, self.config.alignment_drift_ridge)
         means = self.stats.means.double() @ weight + bias
         for i, c in enumerate(self.stats.classes.tolist()):
             mine = labels == c
@@ -331,7 +407,12 @@ class EMTALController:
         memory `note_memory` saw (None: the QR buffer), for `alignment_drift`."""
         if self.adapter is not None:
             self.model.set_fading(0.0, self.adapter)
-        self.compensate_drift(memory)  # before the buffer takes the new task's samples
+        task_features = None
+        if self.task_start is not None and batches is not None:
+            # one pass over the task's images serves the drift map and the new classes' statistics
+            task_features = class_features(self.model, batches)
+            batches = None
+        self.compensate_drift(memory, None if task_features is None else task_features[0])
         if self.qr is not None and self.qr.pool_task == self.task:
             self.qr.end_task()
         if self.config.align_heads:
@@ -339,16 +420,23 @@ class EMTALController:
         self.tasks_since_merge += 1
         merged = self.tasks_since_merge >= self.config.consolidate_every and self.consolidate()
         if self.stats is not None and self.model.mode == "cil":
-            self.align_classifier(batches)
+            self.align_classifier(batches, task_features)
         if self.qr is not None and self.qr.config.refresh:
             self.refresh_buffer()
         return merged
 
-    def align_classifier(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None) -> bool:
+    def align_classifier(
+        self,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
+        features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> bool:
         """Store the statistics of the task's classes, then re-fit the head on all classes' (see
-        `cmtl.alignment`). The features are the model's as the task ends (routers faded out)."""
-        if batches is not None:
-            feats, labels = class_features(self.model, batches)
+        `cmtl.alignment`). The features are the model's as the task ends (routers faded out), taken
+        from `batches` or given as (features, classes)."""
+        if features is None and batches is not None:
+            features = class_features(self.model, batches)
+        if features is not None:
+            feats, labels = features
             if len(labels):
                 self.stats.update(feats, labels)
         generator = torch.Generator().manual_seed(self.task)
@@ -380,6 +468,8 @@ class EMTALController:
             tensors.update({f"stats.{k}": v for k, v in self.stats.state_dict().items()})
         if self.memory_start is not None:
             tensors["drift.features"], tensors["drift.labels"] = self.memory_start
+        if self.task_start is not None:
+            tensors["drift.task_features"], tensors["drift.task_positions"] = self.task_start
         return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, state: dict) -> None:
@@ -395,6 +485,8 @@ class EMTALController:
             self.stats.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("stats.")})
         if "drift.features" in tensors:
             self.memory_start = (tensors["drift.features"], tensors["drift.labels"].long())
+        if "drift.task_features" in tensors:
+            self.task_start = (tensors["drift.task_features"], tensors["drift.task_positions"].long())
 
 
 @torch.no_grad()

@@ -103,7 +103,7 @@ class EMTALPlugin(SupervisedPlugin):
         ctl.start_task(num_classes, pool_x, pool_y)
         if self.config.head_init != "random":
             ctl.init_head(eval_batches(exp.dataset, self.pool_batch_size), self._memory_batches(strategy))
-        ctl.note_memory(self._memory_batches(strategy))
+        ctl.note_memory(self._memory_batches(strategy), eval_batches(exp.dataset, self.pool_batch_size))
 
     def _memory_batches(self, strategy) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
         """An Avalanche replay memory's samples (replay baseline), or None: the QR buffer's are used."""

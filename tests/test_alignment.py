@@ -330,3 +330,74 @@ def test_drift_compensation_leaves_statistics_alone_when_no_feature_moved():
     ctl.note_memory([(images, labels)])
     assert ctl.compensate_drift([(images, labels)]) == 0
     assert torch.equal(ctl.stats.means, means) and torch.equal(ctl.stats.covs, covs)
+
+
+def test_drift_map_fitted_on_the_new_tasks_images_too_follows_a_drift_the_memory_cannot_pin_down():
+    """Two memory samples in 16 dimensions pin down one direction of the map: a class without
+    memory samples keeps most of its stale mean. With `alignment_drift_task_samples` the map is
+    fitted on the new task's first images per class too (their features at the start and the end
+    of the task) and moves that class to where its features went; the new classes' statistics come
+    from the same single pass over the task's images."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cmtl.continual import EMTALConfig, EMTALController, class_features
+    from cmtl.model import CMTLModel
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(  # averaged tokens: features that follow the images at a random init
+        img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=0, global_pool="avg"
+    )
+    images, labels = torch.randn(90, 3, 16, 16), torch.arange(3).repeat(30)
+    pattern = 3.0 * torch.randn(3, 16, 16)  # class 2: one image and a little noise, so its features
+    images[labels == 2] = pattern + 0.1 * images[labels == 2]  # lie together, away from the memory's
+    memory = [(images[:2], labels[:2])]  # one sample each of classes 0 and 1; none of class 2
+    new_images, new_labels = torch.randn(80, 3, 16, 16), torch.tensor([3, 4]).repeat(40)
+    task = [(new_images[:50], new_labels[:50]), (new_images[50:], new_labels[50:])]
+    errors = {}
+    for per_class in (0, 30):
+        model = CMTLModel(vit, None, mode="cil")
+        cfg = EMTALConfig(
+            qr=None,
+            classifier_alignment=True,
+            alignment_drift=True,
+            alignment_drift_ridge=0.01,
+            alignment_drift_task_samples=per_class,
+        )
+        ctl = EMTALController(model, cfg)
+        ctl.start_task(3)
+        ctl.end_task([(images, labels)])
+        stale = ctl.stats.means[2].clone()
+        ctl.start_task(2)
+        ctl.note_memory(memory, iter(task))  # one pass, as the Avalanche plugin gives it
+        if per_class:
+            feats, positions = ctl.task_start
+            # the first 30 of each class: 25 of each in the first batch, 5 in the second
+            assert positions.tolist() == list(range(50)) + list(range(50, 60))
+            again = EMTALController(model, cfg)
+            again.load_state_dict(ctl.state_dict())  # a checkpoint inside the task keeps them
+            assert torch.equal(again.task_start[0], feats) and torch.equal(again.task_start[1], positions)
+        else:
+            assert ctl.task_start is None
+        with torch.no_grad():
+            model.backbone.fc_norm.weight.mul_(2.0)
+            model.backbone.fc_norm.bias.add_(1.0)
+        ctl.end_task(iter(task), memory)
+        truth = class_features(model, [(images[labels == 2], labels[labels == 2])])[0].mean(0)
+        errors[per_class] = (float((stale - truth).norm()), float((ctl.stats.means[2] - truth).norm()))
+        new_feats, new_y = class_features(model, task)
+        assert torch.allclose(ctl.stats.means[3], new_feats[new_y == 3].mean(0), atol=1e-5)
+        with torch.no_grad():
+            model.backbone.fc_norm.weight.div_(2.0)
+            model.backbone.fc_norm.bias.sub_(1.0)
+    stale_error, memory_only = errors[0]
+    assert memory_only > 0.3 * stale_error  # the memory alone leaves much of the drift
+    assert errors[30][1] < 0.05 * stale_error  # the task's images pin the map down
+
+
+def test_drift_task_samples_need_a_linear_map():
+    from cmtl.continual import EMTALConfig
+
+    with pytest.raises(ValueError, match="alignment_drift_task_samples=5 needs alignment_drift_map 'linear'"):
+        EMTALConfig(alignment_drift_map="shift", alignment_drift_task_samples=5)
+    with pytest.raises(ValueError, match="alignment_drift_task_samples=-1 must be >= 0"):
+        EMTALConfig(alignment_drift_task_samples=-1)
