@@ -493,6 +493,8 @@ class StrategyConfig(_Section):
         qr_temperature: KL temperature.
         qr_lambda: Weight of the QR term on buffer batches.
         qr_ce_weight: Weight of cross-entropy on buffer batches (0: distillation only).
+        qr_feature_lambda: Weight of a term that holds buffer samples' features (pre-logits) where
+            they were as the task started (mean squared difference); 0: off.
         qr_weighting: "fixed" (qr_lambda and qr_ce_weight as given) or "classes" (both multiplied by
             classes in the buffer / classes of the current task, so every class seen weighs the same).
         qr_in_task: Also apply EMTAL's in-task QR (pull toward the class's high-quality logits).
@@ -575,6 +577,7 @@ class StrategyConfig(_Section):
     qr_temperature: float = 2.0
     qr_lambda: float = 1.0
     qr_ce_weight: float = 0.0
+    qr_feature_lambda: float = 0.0
     qr_weighting: str = "fixed"
     qr_in_task: bool = True
     qr_in_task_max_weight: float = 10.0
@@ -623,7 +626,7 @@ class StrategyConfig(_Section):
         _positive(self, "lwf_temperature", "buffer_per_class", "checkpoint_every_epochs", "replay_batch_size")
         _positive(self, "qr_in_task_max_weight", "alignment_samples", "alignment_drift_ridge")
         _non_negative(self, "weight_decay", "warmup_epochs", "buffer_size", "num_workers")
-        _non_negative(self, "qr_lambda", "qr_ce_weight", "lwf_alpha", "ewc_lambda")
+        _non_negative(self, "qr_lambda", "qr_ce_weight", "qr_feature_lambda", "lwf_alpha", "ewc_lambda")
         _non_negative(self, "alignment_drift_task_samples")
         if self.alignment_drift_task_samples and self.alignment_drift_map != "linear":
             raise ConfigError(

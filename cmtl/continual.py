@@ -128,6 +128,10 @@ class EMTALConfig:
             on the memory alone; 0: the memory alone. The new classes have no statistics yet, so
             their images only pin down the map (as Learnable Drift Compensation fits it on the
             new task's data alone).
+        feature_distill: weight of a term that keeps each QR buffer sample's features (pre-logits)
+            where they were as the task started: the mean squared difference over the features of a
+            buffer batch. Logit distillation holds only the few directions the head reads; this
+            holds the rest too, so old classes' statistics go less stale (0: off).
     """
 
     fading_start: float = 0.0
@@ -145,6 +149,7 @@ class EMTALConfig:
     alignment_drift_map: str = "linear"
     alignment_drift_ridge: float = DRIFT_RIDGE
     alignment_drift_task_samples: int = 0
+    feature_distill: float = 0.0
 
     def __post_init__(self) -> None:
         check_head_init(self.head_init)
@@ -154,6 +159,8 @@ class EMTALConfig:
             raise ValueError(f"alignment_drift_ridge={self.alignment_drift_ridge} must be > 0")
         if self.alignment_samples < 1:
             raise ValueError(f"alignment_samples={self.alignment_samples} must be >= 1")
+        if self.feature_distill < 0:
+            raise ValueError(f"feature_distill={self.feature_distill} must be >= 0")
         if self.alignment_drift_task_samples < 0:
             raise ValueError(f"alignment_drift_task_samples={self.alignment_drift_task_samples} must be >= 0")
         if self.alignment_drift_task_samples and self.alignment_drift_map != "linear":
@@ -190,6 +197,7 @@ class EMTALController:
         # drift, `alignment_drift_task_samples`: the new task's chosen images' features at its start
         # and their positions in the task's training batches
         self.task_start: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.buffer_start: torch.Tensor | None = None  # feature_distill: buffer features at task start
         self.pool_batch_size = pool_batch_size
         self.task = -1
         self.step = 0
@@ -236,8 +244,11 @@ class EMTALController:
         """With `alignment_drift`: the features of the replay memory (None: the QR buffer) as the task
         starts, to measure at its end how far each old class's features moved. With
         `alignment_drift_task_samples`, also those of the first that many images per class of
-        `batches` (the task's un-augmented training images, in the order `end_task` gets them)."""
-        self.memory_start = self.task_start = None
+        `batches` (the task's un-augmented training images, in the order `end_task` gets them).
+        With `feature_distill`, the QR buffer's features, which its term holds the buffer to."""
+        self.memory_start = self.task_start = self.buffer_start = None
+        if self.config.feature_distill > 0 and self.qr is not None and len(self.qr):
+            self.buffer_start = class_features(self.model, self._buffer_batches())[0]
         if self.stats is None or not self.config.alignment_drift or self.model.mode != "cil":
             return
         feats, labels = class_features(self.model, self._buffer_batches() if memory is None else memory)
@@ -356,8 +367,12 @@ class EMTALController:
         if len(self.qr):
             size = self.qr.config.batch_size or targets.shape[0]
             batch = self.qr.sample(size, device=logits.device)
-            student = self.model(batch.x, self._head_arg(batch.task))
+            features = self.model.forward_features(batch.x)
+            student = self.model.forward_head(features, self._head_arg(batch.task))
             out.update(self.qr.replay_loss(student, batch, self.model.heads.classes_per_task[-1]))
+            if self.buffer_start is not None:
+                teacher = self.buffer_start[batch.index.cpu()].to(features.device)
+                out["qr_feat"] = self.config.feature_distill * F.mse_loss(features.float(), teacher)
         return out
 
     def after_step(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -407,6 +422,7 @@ class EMTALController:
         memory `note_memory` saw (None: the QR buffer), for `alignment_drift`."""
         if self.adapter is not None:
             self.model.set_fading(0.0, self.adapter)
+        self.buffer_start = None  # the buffer takes the new task's samples below
         task_features = None
         if self.task_start is not None and batches is not None:
             # one pass over the task's images serves the drift map and the new classes' statistics
@@ -470,6 +486,8 @@ class EMTALController:
             tensors["drift.features"], tensors["drift.labels"] = self.memory_start
         if self.task_start is not None:
             tensors["drift.task_features"], tensors["drift.task_positions"] = self.task_start
+        if self.buffer_start is not None:
+            tensors["feat.buffer"] = self.buffer_start
         return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, state: dict) -> None:
@@ -485,6 +503,8 @@ class EMTALController:
             self.stats.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("stats.")})
         if "drift.features" in tensors:
             self.memory_start = (tensors["drift.features"], tensors["drift.labels"].long())
+        if "feat.buffer" in tensors:
+            self.buffer_start = tensors["feat.buffer"]
         if "drift.task_features" in tensors:
             self.task_start = (tensors["drift.task_features"], tensors["drift.task_positions"].long())
 

@@ -108,6 +108,7 @@ def emtal_config(st: StrategyConfig, qr: QRConfig | None, fading: bool = True) -
         alignment_drift_map=st.alignment_drift_map,
         alignment_drift_ridge=st.alignment_drift_ridge,
         alignment_drift_task_samples=st.alignment_drift_task_samples,
+        feature_distill=st.qr_feature_lambda if qr is not None else 0.0,
     )
 
 

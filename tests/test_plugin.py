@@ -118,6 +118,47 @@ def test_replay_batch_size_sets_the_buffer_samples_per_step(replay_batch):
         QRConfig(batch_size=0)
 
 
+def test_feature_distillation_holds_buffer_features_where_the_task_found_them():
+    """`feature_distill`: the term is the weight times the mean squared change of the buffer
+    batch's features since the task started: zero before anything moved, the change's square once
+    the final norm's bias moved by 0.5; it reaches the trainable weights, survives a checkpoint
+    inside the task and ends with the task (the buffer then takes new samples)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cmtl.continual import EMTALController
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    cfg = EMTALConfig(qr=QRConfig(budget=8), feature_distill=2.0)
+    ctl = EMTALController(CMTLModel(vit, AdapterConfig(num_experts=4, rank=2), mode="cil"), cfg)
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 2
+    ctl.start_task(2, x, y)
+    ctl.note_memory()  # empty buffer: nothing to hold
+    assert ctl.buffer_start is None and "qr_feat" not in ctl.losses(ctl.model(x), y)
+    ctl.record_pool()
+    ctl.end_task()
+    ctl.start_task(2, x, y + 2)
+    ctl.note_memory()
+    assert ctl.buffer_start.shape == (len(ctl.qr), 32)
+    ctl.model.eval()  # no dropout, so the features are those the buffer's were taken with
+    assert ctl.losses(ctl.model(x), y + 2)["qr_feat"].item() == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():
+        ctl.model.backbone.norm.bias.add_(0.5)
+    term = ctl.losses(ctl.model(x), y + 2)["qr_feat"]
+    assert term.item() == pytest.approx(2.0 * 0.25, rel=1e-4)
+    term.backward()
+    lora = [p for n, p in ctl.model.named_parameters() if p.requires_grad and "lora" in n.lower()]
+    assert lora and any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    again = EMTALController(ctl.model, cfg)
+    again.load_state_dict(ctl.state_dict())
+    assert torch.equal(again.buffer_start, ctl.buffer_start)
+    ctl.record_pool()
+    ctl.end_task()
+    assert ctl.buffer_start is None
+    with pytest.raises(ValueError, match="feature_distill=-1.0 must be >= 0"):
+        EMTALConfig(feature_distill=-1.0)
+
+
 def _two_blob_images(n: int, label_offset: int = 0):
     """Images whose classes differ in colour: easy for class means, unseen by a random head."""
     y = torch.arange(n) % 2
