@@ -29,7 +29,7 @@ from cmtl.moefy import find_mlps, moefy_vit
 logger = logging.getLogger(__name__)
 
 ATTN_TARGETS = ("qkv", "proj")
-BASE_GROUPS = ("embed", "norms")  # pre-trained weights an adapter strategy may train directly
+BASE_GROUPS = ("embed", "norms", "attn")  # pre-trained weights an adapter strategy may train directly
 
 
 @dataclass
@@ -310,7 +310,8 @@ class CMTLModel(nn.Module):
         """Train these groups of pre-trained weights directly, next to the adapters.
 
         "embed": the patch embedding, position embedding and class (and register) tokens;
-        "norms": every LayerNorm's scale and shift. They are plain timm weights, so a consolidated
+        "norms": every LayerNorm's scale and shift; "attn": every block's attention `qkv` and `proj`
+        weights and biases (under their LoRA adapters). They are plain timm weights, so a consolidated
         model still has the same modules and cost. Groups left out are frozen again; the choice
         survives `consolidate`. `tuned_base_parameters` lists what is trained.
         """
@@ -336,6 +337,12 @@ class CMTLModel(nn.Module):
             ]
         if "norms" in self.tuned_base:
             params += [p for m in vit.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+        if "attn" in self.tuned_base:
+            for block in vit.blocks:
+                for t in ATTN_TARGETS:
+                    layer = getattr(block.attn, t)
+                    base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+                    params += list(base.parameters())
         return list({id(p): p for p in params}.values())
 
     # -- timm protocol --------------------------------------------------------------------------

@@ -507,3 +507,24 @@ def test_tune_base_chooses_pre_trained_weights_that_stay_trainable_through_conso
     )
     with pytest.raises(ValueError, match="'norm'.*valid: embed, norms"):
         model.tune_base(["norm"])
+
+
+def test_tune_base_attn_trains_the_attention_weights_under_their_adapters():
+    model = CMTLModel(tiny_vit(), AdapterConfig(num_experts=4, rank=2))
+    model.set_backbone_trainable(False)
+    model.tune_base(["attn"])
+    model.add_task(3)
+    attn = model.backbone.blocks[0].attn
+    assert attn.qkv.base_layer.weight.requires_grad and attn.proj.base_layer.bias.requires_grad
+    assert not model.backbone.blocks[0].norm1.weight.requires_grad
+    assert len(model.tuned_base_parameters()) == 4 * len(model.backbone.blocks)  # weight, bias x2
+    before = attn.qkv.base_layer.weight.detach().clone()
+    model.forward_features(torch.randn(2, 3, 32, 32)).pow(2).sum().backward()
+    torch.optim.SGD(model.tuned_base_parameters(), lr=0.1).step()
+    trained = attn.qkv.base_layer.weight.detach().clone()
+    assert not torch.allclose(trained, before)
+    model.set_fading(0.0)
+    model.consolidate()  # the new adapters' B factors are still zero: merging adds nothing
+    merged = model.backbone.blocks[0].attn.qkv
+    assert isinstance(merged, torch.nn.Linear) and merged.weight.requires_grad
+    assert torch.allclose(merged.weight, trained)
