@@ -310,9 +310,9 @@ class CMTLModel(nn.Module):
         """Train these groups of pre-trained weights directly, next to the adapters.
 
         "embed": the patch embedding, position embedding and class (and register) tokens;
-        "norms": every LayerNorm's scale and shift; "attn": every block's attention `qkv` and `proj`
-        weights and biases (under their LoRA adapters). They are plain timm weights, so a consolidated
-        model still has the same modules and cost. Groups left out are frozen again; the choice
+        "norms": every LayerNorm's scale and shift; "attn": every block's attention `qkv` and
+        `proj` weights and biases (under their LoRA adapters). They are plain timm weights, so a
+        consolidated model still has the same modules and cost. Groups left out are frozen again; the choice
         survives `consolidate`. `tuned_base_parameters` lists what is trained.
         """
         bad = [g for g in groups if g not in BASE_GROUPS]
