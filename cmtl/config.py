@@ -472,8 +472,9 @@ class StrategyConfig(_Section):
         tune_base: Groups of pre-trained weights the adapter strategies (and `frozen`) train
             directly at `backbone_lr`, next to the adapters: "embed" (patch and position
             embeddings, class token), "norms" (every LayerNorm), "attn" (every block's attention
-            `qkv` and `proj`). Consolidated models keep plain timm's modules and cost. Empty (the
-            default): only adapters and heads are trained.
+            `qkv` and `proj`), "mlp" (every block's MLP `fc1` and `fc2`, which the experts are cut
+            from); all four train every pre-trained weight. Consolidated models keep plain timm's
+            modules and cost. Empty (the default): only adapters and heads are trained.
         head_lr: Peak learning rate of the classifier heads, for every strategy; None: the same as
             the rest of the strategy's parameters (`lr`, or `backbone_lr` for full fine-tuning).
         weight_decay: Weight decay.

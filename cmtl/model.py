@@ -29,7 +29,7 @@ from cmtl.moefy import find_mlps, moefy_vit
 logger = logging.getLogger(__name__)
 
 ATTN_TARGETS = ("qkv", "proj")
-BASE_GROUPS = ("embed", "norms", "attn")  # pre-trained weights an adapter strategy may train directly
+BASE_GROUPS = ("embed", "norms", "attn", "mlp")  # pre-trained weights an adapter strategy may train directly
 
 
 @dataclass
@@ -311,9 +311,13 @@ class CMTLModel(nn.Module):
 
         "embed": the patch embedding, position embedding and class (and register) tokens;
         "norms": every LayerNorm's scale and shift; "attn": every block's attention `qkv` and
-        `proj` weights and biases (under their LoRA adapters). They are plain timm weights, so a
-        consolidated model still has the same modules and cost. Groups left out are frozen again; the choice
-        survives `consolidate`. `tuned_base_parameters` lists what is trained.
+        `proj` weights and biases (under their LoRA adapters); "mlp": every block's MLP `fc1` and
+        `fc2` (the weights the experts are cut from, under the routers' gates and the experts'
+        adapters). All four together train every pre-trained weight, as full fine-tuning does,
+        with the adapters on top. They are plain timm weights, so a consolidated model still has
+        the same modules and cost. Groups left out are frozen again; the choice survives
+        `consolidate` (and the re-clustering into experts after it, which permutes in place).
+        `tuned_base_parameters` lists what is trained.
         """
         bad = [g for g in groups if g not in BASE_GROUPS]
         if bad:
@@ -343,6 +347,10 @@ class CMTLModel(nn.Module):
                     layer = getattr(block.attn, t)
                     base = layer.base_layer if isinstance(layer, LoRALinear) else layer
                     params += list(base.parameters())
+        if "mlp" in self.tuned_base:
+            for block in vit.blocks:
+                mlp = block.mlp.base_layer if isinstance(block.mlp, MoEMlp) else block.mlp
+                params += list(mlp.parameters())
         return list({id(p): p for p in params}.values())
 
     # -- timm protocol --------------------------------------------------------------------------

@@ -528,3 +528,36 @@ def test_tune_base_attn_trains_the_attention_weights_under_their_adapters():
     merged = model.backbone.blocks[0].attn.qkv
     assert isinstance(merged, torch.nn.Linear) and merged.weight.requires_grad
     assert torch.allclose(merged.weight, trained)
+
+
+def test_tune_base_mlp_trains_the_weights_the_experts_are_cut_from_across_re_clustering():
+    model = CMTLModel(tiny_vit(), AdapterConfig(num_experts=4, rank=2))
+    model.set_backbone_trainable(False)
+    model.tune_base(["mlp"])
+    model.add_task(3)
+    mlp = model.backbone.blocks[0].mlp
+    assert isinstance(mlp, MoEMlp) and mlp.base_layer.fc1.weight.requires_grad
+    assert not model.backbone.blocks[0].attn.qkv.base_layer.weight.requires_grad
+    assert len(model.tuned_base_parameters()) == 4 * len(model.backbone.blocks)  # fc1, fc2 x2
+    before = mlp.base_layer.fc2.weight.detach().clone()
+    model.forward_features(torch.randn(2, 3, 32, 32)).pow(2).sum().backward()
+    torch.optim.SGD(model.tuned_base_parameters(), lr=0.1).step()
+    trained = mlp.base_layer.fc2.weight.detach().clone()
+    assert not torch.allclose(trained, before)
+    model.set_fading(0.0)
+    model.consolidate()
+    plain = model.backbone.blocks[0].mlp
+    assert not isinstance(plain, MoEMlp) and plain.fc2.weight.requires_grad
+    assert torch.allclose(plain.fc2.weight, trained)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.forward_features(x)
+    model.add_task(2)  # re-clusters the merged MLPs: a permutation of the same trained weights
+    again = model.backbone.blocks[0].mlp.base_layer
+    assert again.fc1.weight.requires_grad and again.fc2.weight.requires_grad
+    assert sorted(p.shape for p in model.tuned_base_parameters()) == sorted(
+        p.shape for b in model.backbone.blocks for p in b.mlp.base_layer.parameters()
+    )
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), ref, atol=1e-5)
