@@ -26,6 +26,7 @@ import yaml
 
 from cmtl import optim
 from cmtl.alignment import COVARIANCES, DRIFT_MAPS, DRIFT_RIDGE, SHRINKAGE
+from cmtl.augment import AUGMENTS
 from cmtl.heads import HEAD_INITS
 from cmtl.losses import list_distill_losses
 from cmtl.model import BASE_GROUPS
@@ -513,6 +514,10 @@ class StrategyConfig(_Section):
         qr_distill_weight: Per-sample weight of the distillation on buffer batches: "uniform",
             "correct" (only samples whose stored logits are right) or "confidence" (their stored
             probability of the true class).
+        qr_augment: What replayed QR buffer images go through (emtal, its ablations, der): "none"
+            (as stored: un-augmented), "crop" (a random resized crop per sample, 80-100% of the
+            area, as the scenarios' train transform) or "crop_flip" (and a random horizontal flip;
+            not for digits). Avalanche's `replay` memory goes through the data set's transforms.
         weight_aligning: Class-incremental: after every task rescale the newest classes' head rows to
             the mean norm of the older ones (WA, Zhao et al. 2020), for every strategy but joint.
         head_init: "random", "prototype" (each new task's head starts as the nearest-class-mean
@@ -586,6 +591,7 @@ class StrategyConfig(_Section):
     qr_bank_update: str = "ema"
     qr_refresh: bool = False
     qr_distill_weight: str = "uniform"
+    qr_augment: str = "none"
     weight_aligning: bool = False
     head_init: str = "random"
     classifier_alignment: bool = False
@@ -612,6 +618,7 @@ class StrategyConfig(_Section):
         _one_of(self, "qr_weighting", WEIGHTINGS)
         _one_of(self, "qr_bank_update", BANK_UPDATES)
         _one_of(self, "qr_distill_weight", DISTILL_WEIGHTS)
+        _one_of(self, "qr_augment", AUGMENTS)
         _one_of(self, "head_init", HEAD_INITS)
         _one_of(self, "alignment_covariance", COVARIANCES)
         _one_of(self, "alignment_drift_map", DRIFT_MAPS)

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cmtl.augment import AUGMENTS, augment_batch
 from cmtl.losses import (
     create_distill_loss,
     get_distill_loss,
@@ -122,6 +123,10 @@ class QRConfig:
             same), "correct" (only samples whose stored logits classify them correctly: a wrong
             record is not worth retaining) or "confidence" (the stored softmax probability of the
             true class, over the sample's own columns).
+        augment: What `sample` does to the replayed images: "none" (as stored: the un-augmented
+            pool's), "crop" (a random resized crop per sample, 80-100% of the area, as the dev
+            scenarios' train transform) or "crop_flip" (and a random horizontal flip); see
+            `cmtl.augment`. The stored logits stay those of the un-augmented image.
     """
 
     budget: int | None = 200
@@ -144,6 +149,7 @@ class QRConfig:
     batch_size: int | None = None
     refresh: bool = False
     distill_weight: str = "uniform"
+    augment: str = "none"
 
     def __post_init__(self) -> None:
         if self.budget is None and self.per_class is None:
@@ -169,6 +175,8 @@ class QRConfig:
                 f"QRConfig.distill_weight {self.distill_weight!r} is unknown; "
                 f"valid: {', '.join(DISTILL_WEIGHTS)}"
             )
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"QRConfig.augment {self.augment!r} is unknown; valid: {', '.join(AUGMENTS)}")
         if self.storage not in STORAGES:
             raise ValueError(f"QRConfig.storage {self.storage!r} is unknown; valid: {', '.join(STORAGES)}")
         if self.loss not in list_distill_losses():
@@ -748,7 +756,8 @@ class QRBuffer:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> ReplayBatch:
-        """A random batch of the buffer (without replacement when it holds enough samples).
+        """A random batch of the buffer (without replacement when it holds enough samples), its
+        images augmented as `config.augment` says.
 
         Args:
             batch_size: Samples to draw.
@@ -769,7 +778,7 @@ class QRBuffer:
         nv = b["num_valid"][idx]
         width = int(nv.max())
         batch = ReplayBatch(
-            x=self._decode(b, idx),
+            x=augment_batch(self._decode(b, idx), self.config.augment, gen),
             y=b["y"][idx],
             task=b["task"][idx],
             logits=b["logits"][idx, :width],

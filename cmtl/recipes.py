@@ -85,6 +85,7 @@ def qr_config(st: StrategyConfig, seed: int = 0, **changes) -> QRConfig:
         bank_update=st.qr_bank_update,
         refresh=st.qr_refresh,
         distill_weight=st.qr_distill_weight,
+        augment=st.qr_augment,
         seed=seed,
     )
     return dataclasses.replace(cfg, **changes)

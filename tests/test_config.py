@@ -194,6 +194,7 @@ BAD_FILES = [
     ("strategy: {buffer_selection: random}\n", "valid: balanced, reservoir"),
     ("strategy: {qr_loss: huber}\n", "'strategy.qr_loss' is 'huber'; valid: kl, mse"),
     ("strategy: {qr_weighting: even}\n", "'strategy.qr_weighting' is 'even'; valid: fixed, classes"),
+    ("strategy: {qr_augment: flip}\n", "'flip' (did you mean 'crop_flip'?); valid: none, crop, crop_flip"),
     ("strategy: {head_init: zeros}\n", "'strategy.head_init' is 'zeros'; valid: random, prototype, probe"),
     (
         "strategy: {alignment_covariance: lowrank}\n",

@@ -632,6 +632,22 @@ def test_uint8_storage_is_four_times_smaller_and_samples_close_images(tmp_path):
         QRBuffer(QRConfig(budget=8, storage="uint8")).load_state_dict(broken)
 
 
+def test_sample_augments_the_replayed_images_not_the_stored_ones():
+    plain = _images_buffer("float32")
+    stored = plain.buffer["x"].clone()
+    aug = QRBuffer(QRConfig(budget=8, augment="crop"))
+    aug.load_state_dict(plain.state_dict())
+    a = plain.sample(5, torch.Generator().manual_seed(3))
+    b = aug.sample(5, torch.Generator().manual_seed(3))
+    # the same samples and records, only their images differ: each a crop of the stored one
+    assert torch.equal(a.index, b.index) and torch.equal(a.logits, b.logits)
+    assert b.x.shape == a.x.shape and not torch.allclose(b.x, a.x)
+    assert torch.equal(aug.buffer["x"], stored)
+    assert torch.equal(b.x, aug.sample(5, torch.Generator().manual_seed(3)).x)
+    with pytest.raises(ValueError, match="augment 'flip' is unknown; valid: none, crop, crop_flip"):
+        QRConfig(budget=8, augment="flip")
+
+
 def test_refresh_keeps_the_better_record_on_each_sample_s_own_columns():
     qr = QRBuffer(QRConfig(budget=8, selection="reservoir"))
     _run_task(qr, 0, n_classes=2, per_class=4)  # 2 valid columns

@@ -116,6 +116,8 @@ def _signal_inside_task(monkeypatch, task, epoch, step):
         # augmentation drawn in worker processes, whose seeds come from the epoch's RNG state
         (["strategy.num_workers=2", "scenario.augment=true"], 1, 1),
         (["strategy.qr_refresh=true", "strategy.qr_distill_weight=confidence"], 0, 2),
+        # buffer images cropped with the buffer's own generator, which the checkpoint holds
+        (["strategy.qr_augment=crop_flip"], 1, 1),
         # class statistics and the memory's features at the task's start are in the checkpoint
         (["scenario.mode=cil", "strategy.classifier_alignment=true", "strategy.alignment_drift=true"], 1, 1),
         # the pooled scatter and its degrees of freedom too
@@ -145,6 +147,7 @@ def _signal_inside_task(monkeypatch, task, epoch, step):
         "emtal-prototype-heads",
         "emtal-2-workers",
         "emtal-refresh",
+        "emtal-buffer-augment",
         "emtal-cil-aligned-drift",
         "emtal-cil-aligned-shared",
         "emtal-tune-base-groups",
