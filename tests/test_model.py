@@ -509,20 +509,31 @@ def test_tune_base_chooses_pre_trained_weights_that_stay_trainable_through_conso
         model.tune_base(["norm"])
 
 
-def test_tune_base_attn_trains_the_attention_weights_under_their_adapters():
+def _tuned_model(group: str) -> CMTLModel:
+    """A tiny model training only the `group` of pre-trained weights, with one task's adapters."""
     model = CMTLModel(tiny_vit(), AdapterConfig(num_experts=4, rank=2))
     model.set_backbone_trainable(False)
-    model.tune_base(["attn"])
+    model.tune_base([group])
     model.add_task(3)
+    return model
+
+
+def _step_tuned_base(model: CMTLModel, weight: torch.nn.Parameter) -> torch.Tensor:
+    """One SGD step on the tuned pre-trained weights; returns `weight` after it, which moved."""
+    before = weight.detach().clone()
+    model.forward_features(torch.randn(2, 3, 32, 32)).pow(2).sum().backward()
+    torch.optim.SGD(model.tuned_base_parameters(), lr=0.1).step()
+    assert not torch.allclose(weight, before)
+    return weight.detach().clone()
+
+
+def test_tune_base_attn_trains_the_attention_weights_under_their_adapters():
+    model = _tuned_model("attn")
     attn = model.backbone.blocks[0].attn
     assert attn.qkv.base_layer.weight.requires_grad and attn.proj.base_layer.bias.requires_grad
     assert not model.backbone.blocks[0].norm1.weight.requires_grad
     assert len(model.tuned_base_parameters()) == 4 * len(model.backbone.blocks)  # weight, bias x2
-    before = attn.qkv.base_layer.weight.detach().clone()
-    model.forward_features(torch.randn(2, 3, 32, 32)).pow(2).sum().backward()
-    torch.optim.SGD(model.tuned_base_parameters(), lr=0.1).step()
-    trained = attn.qkv.base_layer.weight.detach().clone()
-    assert not torch.allclose(trained, before)
+    trained = _step_tuned_base(model, attn.qkv.base_layer.weight)
     model.set_fading(0.0)
     model.consolidate()  # the new adapters' B factors are still zero: merging adds nothing
     merged = model.backbone.blocks[0].attn.qkv
@@ -531,19 +542,12 @@ def test_tune_base_attn_trains_the_attention_weights_under_their_adapters():
 
 
 def test_tune_base_mlp_trains_the_weights_the_experts_are_cut_from_across_re_clustering():
-    model = CMTLModel(tiny_vit(), AdapterConfig(num_experts=4, rank=2))
-    model.set_backbone_trainable(False)
-    model.tune_base(["mlp"])
-    model.add_task(3)
+    model = _tuned_model("mlp")
     mlp = model.backbone.blocks[0].mlp
     assert isinstance(mlp, MoEMlp) and mlp.base_layer.fc1.weight.requires_grad
     assert not model.backbone.blocks[0].attn.qkv.base_layer.weight.requires_grad
     assert len(model.tuned_base_parameters()) == 4 * len(model.backbone.blocks)  # fc1, fc2 x2
-    before = mlp.base_layer.fc2.weight.detach().clone()
-    model.forward_features(torch.randn(2, 3, 32, 32)).pow(2).sum().backward()
-    torch.optim.SGD(model.tuned_base_parameters(), lr=0.1).step()
-    trained = mlp.base_layer.fc2.weight.detach().clone()
-    assert not torch.allclose(trained, before)
+    trained = _step_tuned_base(model, mlp.base_layer.fc2.weight)
     model.set_fading(0.0)
     model.consolidate()
     plain = model.backbone.blocks[0].mlp
