@@ -139,12 +139,15 @@ def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
+    # signal once task 1 has finished its first epoch (19 of its 20 tiny epochs remain): a signal
+    # landing while task 0's checkpoint is being finished rightly stops after task 0, and a fixed
+    # pause after the checkpoint appeared was not always enough on a loaded machine
+    log = out / "avalanche_csv" / "training_results.csv"
     deadline = time.time() + 240
-    while not (out / "checkpoint.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and any(line.startswith("1,") for line in log.read_text().splitlines()):
+            break
         time.sleep(0.05)
-    # the file appears while task 0's checkpoint is still being finished; a signal landing then
-    # rightly stops after task 0, so give the run a moment to enter task 1 (20 tiny epochs, ~3 s)
-    time.sleep(0.5)
     assert proc.poll() is None, "the run finished before the signal"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
