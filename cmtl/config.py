@@ -487,7 +487,8 @@ class StrategyConfig(_Section):
         fading_end: Fraction of a task's steps at which `a` reaches 0.
         buffer_size: Samples kept in the QR / replay buffer over all tasks.
         buffer_per_class: Cap per class; None divides `buffer_size` over the classes seen.
-        buffer_selection: "balanced" (class-balanced) or "reservoir".
+        buffer_selection: "balanced" (class-balanced, highest-quality samples first), "random"
+            (class-balanced, random within each class) or "reservoir" (random over the stream).
         replay_batch_size: Buffer samples replayed per training step (QR buffer of EMTAL and der,
             Avalanche's replay); None: as many as the training batch.
         buffer_storage: "float32" or "uint8": QR buffer images quantised per sample (4x smaller, in

@@ -69,7 +69,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SELECTIONS = ("balanced", "reservoir")
+SELECTIONS = ("balanced", "random", "reservoir")
 WEIGHTINGS = ("fixed", "classes")
 STORAGES = ("float32", "uint8")
 BANK_UPDATES = ("ema", "best")
@@ -86,8 +86,10 @@ class QRConfig:
     Attributes:
         budget: Samples kept in the replay buffer over all tasks; None: only `per_class` bounds it.
         per_class: Cap per class; None divides `budget` over the classes seen.
-        selection: "balanced" (class-balanced, highest quality first) or "reservoir" (uniform random
-            over every candidate seen, like reservoir sampling over the stream).
+        selection: "balanced" (class-balanced, highest quality first), "random" (the same
+            class-balanced quotas, filled uniformly at random within each class: the buffer keeps
+            typical samples, not only the easiest) or "reservoir" (uniform random over every
+            candidate seen, like reservoir sampling over the stream; classes are not balanced).
         loss: Distance to the stored logits, a name from `cmtl.losses` ("kl" or "mse").
         temperature: Temperature of the KL terms (replay with `loss="kl"` and the in-task term).
         lambda_replay: Weight of the distillation term on buffer batches.
@@ -728,6 +730,8 @@ class QRBuffer:
     def _select(self, entries: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sorted positions to keep: per class ranked by priority, quotas from `balanced_quota`."""
         cfg = self.config
+        # a sample keeps its random key for life, so "random" drops the same samples of a class as
+        # its quota shrinks over the tasks, as reservoir sampling does
         priority = entries["quality"] if cfg.selection == "balanced" else entries["key"]
         keys = torch.stack([entries["task"], entries["y"]], dim=1)
         classes, inverse = torch.unique(keys, dim=0, return_inverse=True)
@@ -736,7 +740,7 @@ class QRBuffer:
             pos = (inverse == c).nonzero(as_tuple=True)[0]
             order = torch.sort(priority[pos], descending=True, stable=True).indices
             ranked.append(pos[order])
-        if cfg.selection == "balanced":
+        if cfg.selection != "reservoir":
             quota = balanced_quota([len(r) for r in ranked], cfg.budget, cfg.per_class)
             keep = [r[:q] for r, q in zip(ranked, quota)]
         else:

@@ -191,7 +191,7 @@ BAD_FILES = [
     ("strategy: {optimizer: adamx}\n", "'strategy.optimizer' is 'adamx' (did you mean 'adam"),
     ("strategy: {optimizer: rmsprop}\n", "valid: adamw, adam, sgd"),
     ("strategy: {scheduler: step}\n", "'strategy.scheduler' is 'step'; valid: cosine, none"),
-    ("strategy: {buffer_selection: random}\n", "valid: balanced, reservoir"),
+    ("strategy: {buffer_selection: fifo}\n", "valid: balanced, random, reservoir"),
     ("strategy: {qr_loss: huber}\n", "'strategy.qr_loss' is 'huber'; valid: kl, mse"),
     ("strategy: {qr_weighting: even}\n", "'strategy.qr_weighting' is 'even'; valid: fixed, classes"),
     ("strategy: {qr_augment: flip}\n", "'flip' (did you mean 'crop_flip'?); valid: none, crop, crop_flip"),

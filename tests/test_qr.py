@@ -161,7 +161,7 @@ def test_loss_registry_and_errors():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"selection": "fifo"}, "balanced, reservoir"),
+        ({"selection": "fifo"}, "balanced, random, reservoir"),
         ({"loss": "l1"}, "kl, mse"),
         ({"budget": -1}, "budget"),
         ({"budget": None, "per_class": None}, "neither"),
@@ -392,6 +392,32 @@ def test_reservoir_selection_budget_and_seed():
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
+
+
+def test_random_selection_is_class_balanced_but_not_best_first():
+    def run(seed):
+        qr = QRBuffer(QRConfig(budget=12, selection="random", seed=seed))
+        counts = [_run_task(qr, t, n_classes=2, per_class=10) for t in range(2)]
+        return qr, counts
+
+    qr, counts = run(0)
+    # the same quotas as "balanced": 6 per class, then 3 per class of both tasks
+    assert counts[0] == {(0, 0): 6, (0, 1): 6}
+    assert counts[1] == {(0, 0): 3, (0, 1): 3, (1, 0): 3, (1, 1): 3}
+    # within a class the kept samples are a random draw, not the highest-quality ones
+    # (balanced keeps qualities 11, 10, 9 of each class; see the test above)
+    kept = [
+        sorted(qr.buffer["quality"][(qr.buffer["task"] == t) & (qr.buffer["y"] == y)].tolist())
+        for t, y in counts[1]
+    ]
+    assert any(q != [9.0, 10.0, 11.0] for q in kept)
+    # a class's quota shrinking keeps a subset of what it held: each sample keeps its random key
+    first = QRBuffer(QRConfig(budget=12, selection="random", seed=0))
+    _run_task(first, 0, n_classes=2, per_class=10)
+    before = {tuple(x) for x in first.buffer["x"].tolist()}
+    assert {tuple(x) for x in qr.buffer["x"][qr.buffer["task"] == 0].tolist()} <= before
+    assert torch.equal(run(0)[0].buffer["x"], qr.buffer["x"])
+    assert not torch.equal(run(1)[0].buffer["x"], qr.buffer["x"])
 
 
 def test_end_task_requires_records_and_pool():
