@@ -1,10 +1,11 @@
-"""The diagnostic scripts in benchmarks/ that read finished runs (not timed, not the benchmarks)."""
+"""The diagnostic scripts in benchmarks/ (not timed, not the benchmarks themselves)."""
 
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from test_runner import _run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,3 +40,43 @@ def test_classifier_gap_refuses_a_task_incremental_run(tmp_path):
     _, run_dir, _ = _run(tmp_path)
     with pytest.raises(SystemExit, match="scenario.mode is 'til'; valid: cil"):
         gap.gap(run_dir)
+
+
+def test_pixel_probe_maps_predictions_back_to_the_tasks_labels():
+    """Two separable blobs labelled 7 and 9: the fitted classifier gets all right, in those labels."""
+    probe = _script("pixel_probe")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(40, 5, generator=gen) - 3, torch.randn(40, 5, generator=gen) + 3])
+    y = torch.tensor([7] * 40 + [9] * 40)
+    model = probe.fit_logistic(x, y)
+    assert model[2].tolist() == [7, 9]
+    assert probe.accuracy(model, x, y) == 100.0
+    assert probe.accuracy(model, x, 16 - y) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["til", "cil"])
+def test_pixel_probe_on_the_embedded_digits_stream(mode):
+    """On the same stream `cmtl run` builds (3 tasks, 30 training images per class) a linear model on
+    8x8 digits upsampled to 16 px classifies each task's test images far above chance."""
+    from test_runner import TINY
+
+    from cmtl.config import load_config
+
+    probe = _script("pixel_probe")
+    row = probe.probe(load_config(None, [*TINY, f"scenario.mode={mode}"]))
+    assert row["mode"] == mode and row["evaluated_on"] == "test"
+    assert row["train_per_class"] == 30
+    assert len(row["task_accuracy"]) == 3
+    assert row["final_average_accuracy"] == pytest.approx(sum(row["task_accuracy"]) / 3)
+    assert min(row["task_accuracy"]) > (80 if mode == "til" else 60)
+
+
+def test_pixel_probe_cli_bad_key_exits_2_with_one_line(tmp_path, capsys):
+    probe = _script("pixel_probe")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed: 0\n")
+    out = tmp_path / "rows.json"
+    assert probe.main([str(cfg), "--set", "scenario.mode=both", "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "both" in err and "til" in err
+    assert not out.exists()
