@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.models import get_pretrained_cfg
 from torch.utils.data import DataLoader
 
 from cmtl.config import ConfigError, ExperimentConfig, load_config
@@ -60,9 +61,26 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((classes[(x @ w + b).argmax(1)] == y).float().mean()) * 100
 
 
+def input_format(cfg: ExperimentConfig) -> tuple[int, list | None, list | None]:
+    """The side and normalisation `cmtl run` gives the stream's images: the config's, else the
+    model's (its `img_size` keyword, else its timm pretrained config), without building the model."""
+    pretrained = get_pretrained_cfg(cfg.model.name)
+    size = cfg.scenario.image_size or cfg.model.kwargs.get("img_size")
+    if size is None and pretrained is not None:
+        size = pretrained.input_size[-1]
+    if size is None:
+        raise ConfigError(
+            f"model.name {cfg.model.name!r} has no known input size; valid: set scenario.image_size"
+        )
+    mean = cfg.model.mean or (list(pretrained.mean) if pretrained is not None else None)
+    std = cfg.model.std or (list(pretrained.std) if pretrained is not None else None)
+    return int(size), mean, std
+
+
 def probe(cfg: ExperimentConfig, l2: float = 1e-3) -> dict:
     """Each task's accuracy of the pixel classifier on the stream `cfg` describes (module docstring)."""
-    stream = build_stream(cfg, None, image_size=cfg.scenario.image_size)
+    size, mean, std = input_format(cfg)
+    stream = build_stream(cfg, None, image_size=size, mean=mean, std=std)
     bench = stream.benchmark
     train = [pixels(e.dataset) for e in bench.train_stream]
     test = [pixels(e.dataset) for e in bench.test_stream]

@@ -80,3 +80,20 @@ def test_pixel_probe_cli_bad_key_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "both" in err and "til" in err
     assert not out.exists()
+
+
+def test_pixel_probe_sizes_images_as_the_run_does_without_building_the_model():
+    """`scenario.image_size: null` means the model's size: its `img_size` keyword, else timm's
+    pretrained config (whose normalisation it takes too); a model with neither is a bad input."""
+    from test_runner import TINY
+
+    from cmtl.config import ConfigError, load_config
+
+    probe = _script("pixel_probe")
+    assert probe.input_format(load_config(None, TINY))[0] == 16
+    size, mean, std = probe.input_format(
+        load_config(None, ["model.name=vit_base_patch16_224", "model.kwargs={}"])
+    )
+    assert (size, mean, std) == (224, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    with pytest.raises(ConfigError, match="'not_a_timm_model' has no known input size"):
+        probe.input_format(load_config(None, ["model.name=not_a_timm_model", "model.kwargs={}"]))
