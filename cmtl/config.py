@@ -556,6 +556,10 @@ class StrategyConfig(_Section):
         num_workers: DataLoader workers.
         checkpoint_every_epochs: Also checkpoint inside a task every this many epochs (None: only after
             every task, and on SIGINT/SIGTERM).
+        per_strategy: Settings of this section that only one strategy uses, by strategy name, e.g.
+            `{der: {buffer_selection: balanced, qr_ce_weight: 0}}`: when `der` runs (as `name`, or
+            in `cmtl compare`) those keys replace the section's own. One config can so hold every
+            strategy at its tuned settings while they share the stream, model and budget.
     """
 
     _section: ClassVar[str] = "strategy"
@@ -608,9 +612,54 @@ class StrategyConfig(_Section):
     ewc_lambda: float = 100.0
     num_workers: int = 0
     checkpoint_every_epochs: int | None = None
+    per_strategy: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self, name: str | None = None) -> StrategyConfig:
+        """This section as strategy `name` (default: `self.name`) runs: its `per_strategy` entry applied.
+
+        Raises:
+            ConfigError: On an unknown strategy name (the entries are checked when the section is built).
+        """
+        name = self.name if name is None else name
+        if name not in STRATEGY_NAMES:
+            near = closest(str(name), list(STRATEGY_NAMES))
+            hint = f" (did you mean {near!r}?)" if near else ""
+            raise ConfigError(f"unknown strategy {_short(name)}{hint}; valid: {', '.join(STRATEGY_NAMES)}")
+        changes = self.per_strategy.get(name) or {}
+        if name == self.name and not changes:
+            return self
+        return dataclasses.replace(self, name=name, **changes)
+
+    def _check_per_strategy(self) -> None:
+        fields = [f.name for f in dataclasses.fields(self) if f.name not in ("name", "per_strategy")]
+        for name, changes in self.per_strategy.items():
+            key = f"{self._key('per_strategy')}.{name}"
+            if name not in STRATEGY_NAMES:
+                near = closest(str(name), list(STRATEGY_NAMES))
+                hint = f" (did you mean {near!r}?)" if near else ""
+                raise ConfigError(
+                    f"config key {key!r} names no strategy{hint}; valid: {', '.join(STRATEGY_NAMES)}"
+                )
+            if changes is None:
+                continue
+            if not isinstance(changes, dict):
+                _fail(key, changes, "a mapping of strategy keys to values")
+            for k in changes:
+                if k not in fields:
+                    near = closest(str(k), fields)
+                    hint = f" (did you mean {near!r}?)" if near else ""
+                    raise ConfigError(
+                        f"unknown config key {_short(f'{key}.{k}', 80)}{hint}; valid: the keys of "
+                        "'strategy' but name and per_strategy"
+                    )
+            try:
+                dataclasses.replace(self, name=name, per_strategy={}, **changes)
+            except ConfigError as err:
+                raise ConfigError(f"in {key!r}: {err}") from None
 
     def _check_values(self) -> None:
         _one_of(self, "name", STRATEGY_NAMES)
+        self._check_per_strategy()
         _one_of(self, "optimizer", OPTIMIZERS)
         _one_of(self, "scheduler", SCHEDULERS)
         _one_of(self, "buffer_selection", BUFFER_SELECTIONS)

@@ -191,7 +191,8 @@ def _joint(mc: ModelConfig, st: StrategyConfig, seed: int) -> StrategySpec:
 def strategy_spec(name: str, mc: ModelConfig, st: StrategyConfig, seed: int = 0) -> StrategySpec:
     """The registered strategy `name` for these config sections (ValueError lists the valid names)."""
     builder: Callable[..., StrategySpec] = STRATEGIES.get(name)
-    return builder(mc, st, seed)
+    # the section's `per_strategy` entry for `name` (a strategy registered outside the config has none)
+    return builder(mc, st.resolved(name) if st.per_strategy.get(name) else st, seed)
 
 
 def list_strategies() -> list[str]:

@@ -22,7 +22,7 @@ import platform
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -409,6 +409,9 @@ def _run(cfg, out, echo, progress, resume, device, ctx) -> dict[str, Any]:
     main_proc = ctx is None or ctx.is_main  # only rank 0 writes and prints
     if not main_proc:
         echo, progress = (lambda _msg: None), False
+    # the strategy's own `per_strategy` settings in place, so config.yaml and the checkpoint say
+    # what actually trained
+    cfg = replace(cfg, strategy=cfg.strategy.resolved())
     run_dir = prepare_run_dir(cfg, out, resume)
     D.barrier()
     checkpoint = None

@@ -414,3 +414,47 @@ def test_fuzz_loader_returns_config_or_raises_config_error(tmp_path):
         assert load_config(tmp_path / "saved.yaml") == cfg
         loaded += 1
     assert loaded > 20 and failed > 100  # both outcomes were exercised
+
+
+def test_per_strategy_settings_apply_only_to_their_strategy(tmp_path):
+    path = _write(
+        tmp_path,
+        "strategy:\n  buffer_selection: reservoir\n  qr_ce_weight: 1\n"
+        "  per_strategy:\n    der: {buffer_selection: balanced, qr_ce_weight: 0, epochs: 7}\n",
+    )
+    cfg = load_config(path)
+    assert cfg.strategy.resolved() is cfg.strategy  # emtal has no entry: the section as written
+    der = cfg.strategy.resolved("der")
+    assert (der.name, der.buffer_selection, der.qr_ce_weight, der.epochs) == ("der", "balanced", 0.0, 7)
+    assert isinstance(der.qr_ce_weight, float)  # checked and normalised like the section's own keys
+    assert (cfg.strategy.buffer_selection, cfg.strategy.epochs) == ("reservoir", cfg.strategy.epochs)
+    # named on the command line, or reached into with --set
+    assert load_config(path, ["strategy.name=der"]).strategy.resolved().buffer_selection == "balanced"
+    over = load_config(path, ["strategy.per_strategy.der.qr_ce_weight=0.5"]).strategy.resolved("der")
+    assert (over.qr_ce_weight, over.buffer_selection) == (0.5, "balanced")
+    round_trip = tmp_path / "saved.yaml"
+    save_config(cfg, round_trip)
+    assert load_config(round_trip) == cfg
+
+
+@pytest.mark.parametrize(
+    "entry, fragment",
+    [
+        ("dre: {epochs: 2}", "'strategy.per_strategy.dre' names no strategy (did you mean 'der'?); valid:"),
+        ("der: {epoch: 2}", "'strategy.per_strategy.der.epoch' (did you mean 'epochs'?)"),
+        ("der: {name: replay}", "'strategy.per_strategy.der.name'"),
+        ("der: {epochs: 0}", "in 'strategy.per_strategy.der': config key 'strategy.epochs' must be > 0"),
+        ("der: {buffer_selection: best}", "valid: balanced, random, reservoir"),
+        ("der: 3", "'strategy.per_strategy.der' must be a mapping of strategy keys to values, got 3"),
+    ],
+)
+def test_bad_per_strategy_entries_name_the_key(tmp_path, entry, fragment):
+    path = _write(tmp_path, f"strategy:\n  per_strategy:\n    {entry}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_resolving_an_unknown_strategy_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown strategy 'dre' \(did you mean 'der'\?\); valid: emtal"):
+        StrategyConfig().resolved("dre")

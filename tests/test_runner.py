@@ -243,6 +243,21 @@ def test_compare_in_parallel_and_resumed_gives_the_same_table(tmp_path, capsys):
     assert "has another config at strategy.lr" in capsys.readouterr().err
 
 
+def test_compare_gives_each_strategy_its_per_strategy_settings(tmp_path, capsys):
+    sets = sum((["--set", s] for s in [*TINY, "scenario.n_tasks=2"]), [])
+    per = ["--set", "strategy.per_strategy.der={buffer_size: 6, buffer_selection: reservoir}"]
+    assert main(["compare", "--strategies", "emtal,der", *sets, *per, "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    got = {}
+    for name in ("emtal", "der"):
+        run = tmp_path / f"{name}_seed0"
+        saved = load_config(run / "config.yaml").strategy
+        records = json.loads((run / "results.json").read_text())["qr_records"]["records"]
+        got[name] = (saved.name, saved.buffer_size, saved.buffer_selection, records)
+    # the buffers really held what each strategy's settings say, and config.yaml says what trained
+    assert got == {"emtal": ("emtal", 24, "balanced", 24), "der": ("der", 6, "reservoir", 6)}
+
+
 def test_image_folder_stream_end_to_end(tmp_path):
     from PIL import Image
 
