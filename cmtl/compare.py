@@ -189,11 +189,21 @@ def run_compare(
         "rows": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in rows],
         "runs": {n: [r["accuracy_matrix"] for r in rs] for n, rs in runs.items()},
         "paired": paired,
+        # settings that only some strategies trained with (`strategy.per_strategy`)
+        "per_strategy": {
+            n: dict(cfg.strategy.per_strategy[n]) for n in runs if cfg.strategy.per_strategy.get(n)
+        },
     }
     write_json(root / "compare.json", summary)
     # what the runs were evaluated on (a multi_dataset entry may set its own validation split)
     split = "/".join(sorted({r.get("evaluated_on", "test") for rs in runs.values() for r in rs}))
     header = f"# cmtl compare: {cfg.name}\n\nseeds {seed_list}; mean ± std over seeds; {split} split.\n\n"
+    if summary["per_strategy"]:
+        own = "; ".join(
+            f"{n}: " + ", ".join(f"{k}={v}" for k, v in changes.items())
+            for n, changes in summary["per_strategy"].items()
+        )
+        header += f"Own settings (`strategy.per_strategy`), the rest as configured: {own}.\n\n"
     if paired:
         paired_text, paired_md = _paired_table(paired)
         text += "\n\n" + paired_text

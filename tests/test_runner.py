@@ -256,6 +256,13 @@ def test_compare_gives_each_strategy_its_per_strategy_settings(tmp_path, capsys)
         got[name] = (saved.name, saved.buffer_size, saved.buffer_selection, records)
     # the buffers really held what each strategy's settings say, and config.yaml says what trained
     assert got == {"emtal": ("emtal", 24, "balanced", 24), "der": ("der", 6, "reservoir", 6)}
+    summary = json.loads((tmp_path / "compare.json").read_text())
+    assert summary["per_strategy"] == {"der": {"buffer_size": 6, "buffer_selection": "reservoir"}}
+    md = (tmp_path / "compare.md").read_text()
+    assert (
+        "(`strategy.per_strategy`), the rest as configured: der: buffer_size=6, buffer_selection=reservoir."
+        in md
+    )
 
 
 def test_image_folder_stream_end_to_end(tmp_path):
