@@ -427,7 +427,7 @@ def test_per_strategy_settings_apply_only_to_their_strategy(tmp_path):
     der = cfg.strategy.resolved("der")
     assert (der.name, der.buffer_selection, der.qr_ce_weight, der.epochs) == ("der", "balanced", 0.0, 7)
     assert isinstance(der.qr_ce_weight, float)  # checked and normalised like the section's own keys
-    assert (cfg.strategy.buffer_selection, cfg.strategy.epochs) == ("reservoir", cfg.strategy.epochs)
+    assert (cfg.strategy.buffer_selection, cfg.strategy.epochs) == ("reservoir", StrategyConfig().epochs)
     # named on the command line, or reached into with --set
     assert load_config(path, ["strategy.name=der"]).strategy.resolved().buffer_selection == "balanced"
     over = load_config(path, ["strategy.per_strategy.der.qr_ce_weight=0.5"]).strategy.resolved("der")
