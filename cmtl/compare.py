@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cmtl.config import STRATEGY_NAMES, ConfigError, ExperimentConfig
-from cmtl.registry import closest
+from cmtl.registry import did_you_mean
 
 COLUMNS = [
     ("strategy", "strategy"),
@@ -31,8 +31,7 @@ def parse_strategies(text: str | Sequence[str] | None) -> list[str]:
         raise ConfigError(f"--strategies is empty; valid: {', '.join(STRATEGY_NAMES)}")
     for n in names:
         if n not in STRATEGY_NAMES:
-            near = closest(n, list(STRATEGY_NAMES))
-            hint = f" (did you mean {near!r}?)" if near else ""
+            hint = did_you_mean(n, list(STRATEGY_NAMES))
             raise ConfigError(f"unknown strategy {n!r}{hint}; valid: {', '.join(STRATEGY_NAMES)}")
     if len(set(names)) != len(names):
         raise ConfigError(f"--strategies lists a strategy twice: {','.join(names)}")

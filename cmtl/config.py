@@ -31,7 +31,7 @@ from cmtl.heads import HEAD_INITS
 from cmtl.losses import list_distill_losses
 from cmtl.model import BASE_GROUPS
 from cmtl.qr import BANK_UPDATES, DISTILL_WEIGHTS, SELECTIONS, STORAGES, WEIGHTINGS
-from cmtl.registry import closest
+from cmtl.registry import closest, did_you_mean
 
 __all__ = [
     "STRATEGY_NAMES",
@@ -268,8 +268,7 @@ def _non_negative(section: _Section, *names: str) -> None:
 def _one_of(section: _Section, name: str, options: tuple[str, ...]) -> None:
     value = getattr(section, name)
     if value not in options:
-        near = closest(value, list(options))
-        hint = f" (did you mean {near!r}?)" if near else ""
+        hint = did_you_mean(value, list(options))
         raise ConfigError(
             f"config key {section._key(name)!r} is {_short(value)}{hint}; valid: {', '.join(options)}"
         )
@@ -622,8 +621,7 @@ class StrategyConfig(_Section):
         """
         name = self.name if name is None else name
         if name not in STRATEGY_NAMES:
-            near = closest(str(name), list(STRATEGY_NAMES))
-            hint = f" (did you mean {near!r}?)" if near else ""
+            hint = did_you_mean(str(name), list(STRATEGY_NAMES))
             raise ConfigError(f"unknown strategy {_short(name)}{hint}; valid: {', '.join(STRATEGY_NAMES)}")
         changes = self.per_strategy.get(name) or {}
         if name == self.name and not changes:
@@ -635,8 +633,7 @@ class StrategyConfig(_Section):
         for name, changes in self.per_strategy.items():
             key = f"{self._key('per_strategy')}.{name}"
             if name not in STRATEGY_NAMES:
-                near = closest(str(name), list(STRATEGY_NAMES))
-                hint = f" (did you mean {near!r}?)" if near else ""
+                hint = did_you_mean(str(name), list(STRATEGY_NAMES))
                 raise ConfigError(
                     f"config key {key!r} names no strategy{hint}; valid: {', '.join(STRATEGY_NAMES)}"
                 )
@@ -646,8 +643,7 @@ class StrategyConfig(_Section):
                 _fail(key, changes, "a mapping of strategy keys to values")
             for k in changes:
                 if k not in fields:
-                    near = closest(str(k), fields)
-                    hint = f" (did you mean {near!r}?)" if near else ""
+                    hint = did_you_mean(str(k), fields)
                     raise ConfigError(
                         f"unknown config key {_short(f'{key}.{k}', 80)}{hint}; valid: the keys of "
                         "'strategy' but name and per_strategy"
@@ -674,11 +670,9 @@ class StrategyConfig(_Section):
         _one_of(self, "alignment_drift_map", DRIFT_MAPS)
         for i, group in enumerate(self.tune_base):
             if group not in BASE_GROUPS:
-                near = closest(group, list(BASE_GROUPS))
                 raise ConfigError(
                     f"config key {self._key('tune_base') + f'[{i}]'!r} is {_short(group)}"
-                    f"{f' (did you mean {near!r}?)' if near else ''}; "
-                    f"valid: {', '.join(BASE_GROUPS)}"
+                    f"{did_you_mean(group, list(BASE_GROUPS))}; valid: {', '.join(BASE_GROUPS)}"
                 )
         _positive(self, "epochs", "batch_size", "eval_batch_size", "lr", "backbone_lr", "head_lr")
         _positive(self, "qr_temperature")

@@ -17,6 +17,12 @@ def closest(name: str, options: list[str]) -> str | None:
     return match[0] if match else None
 
 
+def did_you_mean(name: str, options: list[str]) -> str:
+    """The hint ` (did you mean 'x'?)` for the option closest to `name`; empty when nothing is close."""
+    near = closest(name, options)
+    return f" (did you mean {near!r}?)" if near else ""
+
+
 class Registry:
     """Name -> builder table for one kind of extension (e.g. "strategy")."""
 
@@ -40,8 +46,7 @@ class Registry:
         """The registered builder for `name`."""
         if name not in self._items:
             valid = sorted(self._items)
-            near = closest(str(name), valid)
-            hint = f" (did you mean {near!r}?)" if near else ""
+            hint = did_you_mean(str(name), valid)
             raise ValueError(f"unknown {self.kind} {name!r}{hint}; valid: {', '.join(valid)}")
         return self._items[name]
 
