@@ -1,7 +1,7 @@
 """cmtl command line: run, compare, eval and inspect continual multi-task experiments.
 
     cmtl run [CONFIG] [--set KEY=VALUE ...] [--out DIR]
-    cmtl compare [CONFIG] [--strategies emtal,naive,...] [--seeds N] [--out DIR]
+    cmtl compare [CONFIG] [--strategies emtal,naive,...] [--seeds N] [--out DIR] [--unequal-budgets]
     cmtl eval SNAPSHOT --config CONFIG
     cmtl inspect SNAPSHOT
 
@@ -42,7 +42,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     strategies = parse_strategies(args.strategies)
-    run_compare(cfg, strategies, seeds=args.seeds, out=args.out, jobs=args.jobs, resume=args.resume)
+    run_compare(
+        cfg,
+        strategies,
+        seeds=args.seeds,
+        out=args.out,
+        jobs=args.jobs,
+        resume=args.resume,
+        unequal_budgets=args.unequal_budgets,
+    )
     return 0
 
 
@@ -129,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs at once, in separate processes (default: 1)")
     p.add_argument(
         "--resume", action="store_true", help="keep finished runs in --out, continue interrupted ones"
+    )
+    p.add_argument(
+        "--unequal-budgets",
+        action="store_true",
+        help="let strategy.per_strategy give strategies other memories (buffer_size, buffer_per_class)",
     )
     p.set_defaults(func=_cmd_compare)
 

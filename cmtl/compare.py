@@ -85,6 +85,38 @@ def _paired_table(paired: dict[str, Any]) -> tuple[str, str]:
     return compare_table(rows, columns)
 
 
+BUDGET_KEYS = ("buffer_size", "buffer_per_class")
+
+
+def memory_budgets(cfg: ExperimentConfig, strategies: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The memory each strategy trains with (`per_strategy` applied), for those that keep one.
+
+    A strategy keeps a memory when it has a QR buffer (emtal and its ablations but emtal_no_qr, der)
+    or Avalanche's replay memory; the others are left out.
+    """
+    from cmtl.recipes import strategy_spec
+
+    out = {}
+    for name in strategies:
+        spec = strategy_spec(name, cfg.model, cfg.strategy, cfg.seed)
+        if spec.emtal.qr is not None or spec.avalanche == "replay":
+            st = cfg.strategy.resolved(name)
+            out[name] = {k: getattr(st, k) for k in BUDGET_KEYS}
+    return out
+
+
+def check_equal_budgets(budgets: dict[str, dict[str, Any]]) -> None:
+    """Refuse strategies whose memories differ (ConfigError naming each one's): a comparison at one budget."""
+    for key in BUDGET_KEYS:
+        values = {name: b[key] for name, b in budgets.items()}
+        if len(set(values.values())) > 1:
+            each = ", ".join(f"{n} {v}" for n, v in values.items())
+            raise ConfigError(
+                f"strategy.per_strategy gives the strategies with a memory different {key}s ({each}); "
+                "valid: one value for all of them, or --unequal-budgets to compare anyway"
+            )
+
+
 def _run_one(cfg: ExperimentConfig, out: Path, resume: bool, threads: int | None) -> dict[str, Any]:
     """One (strategy, seed) run; a finished one is read back, an unfinished one resumed if asked."""
     import json
@@ -116,6 +148,7 @@ def run_compare(
     echo: Callable[[str], None] = print,
     jobs: int = 1,
     resume: bool = False,
+    unequal_budgets: bool = False,
 ) -> dict[str, Any]:
     """Run every strategy with seeds cfg.seed, cfg.seed+1, ...; write compare.json and compare.md.
 
@@ -126,6 +159,10 @@ def run_compare(
     `jobs` > 1 runs that many runs at once in separate processes, sharing the CPU threads among
     them (results do not depend on it: every run is seeded). `resume=True` keeps finished runs,
     continues interrupted ones from their checkpoints and runs the rest.
+
+    Every strategy that keeps a memory must keep the same one (`buffer_size`, `buffer_per_class`):
+    a `strategy.per_strategy` entry that changes it is refused (ConfigError, before anything is
+    written) unless `unequal_budgets=True`; compare.json and compare.md then say so.
     """
     import os
     from concurrent.futures import ProcessPoolExecutor
@@ -143,6 +180,9 @@ def run_compare(
         raise ConfigError(
             f"{str(root)!r} already holds a comparison; choose another --out, delete it or pass --resume"
         )
+    budgets = memory_budgets(cfg, strategies)
+    if not unequal_budgets:
+        check_equal_budgets(budgets)
     seed_list = [cfg.seed + k for k in range(seeds)]
     planned = []
     for name in strategies:
@@ -192,6 +232,9 @@ def run_compare(
         "per_strategy": {
             n: dict(cfg.strategy.per_strategy[n]) for n in runs if cfg.strategy.per_strategy.get(n)
         },
+        # what each strategy with a memory kept (samples over all tasks, cap per class)
+        "memory": budgets,
+        "equal_budgets": all(len({b[k] for b in budgets.values()}) <= 1 for k in BUDGET_KEYS),
     }
     write_json(root / "compare.json", summary)
     # what the runs were evaluated on (a multi_dataset entry may set its own validation split)
@@ -203,6 +246,9 @@ def run_compare(
             for n, changes in summary["per_strategy"].items()
         )
         header += f"Own settings (`strategy.per_strategy`), the rest as configured: {own}.\n\n"
+    if not summary["equal_budgets"]:
+        each = "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in b.items()) for n, b in budgets.items())
+        header += f"**Unequal memory budgets** (`--unequal-budgets`): {each}.\n\n"
     if paired:
         paired_text, paired_md = _paired_table(paired)
         text += "\n\n" + paired_text

@@ -192,6 +192,9 @@ def test_compare_table_has_every_baseline(tmp_path, capsys, monkeypatch):
     for name in STRATEGY_NAMES:
         assert name in out and f"| {name}" in md
     assert all(len(m) == 1 for m in summary["runs"].values())  # one seed each
+    # the strategies that keep a memory, all at the configured one
+    assert sorted(summary["memory"]) == ["der", "emtal", "emtal_no_fading", "emtal_no_moe", "replay"]
+    assert summary["equal_budgets"] and "Unequal" not in md
 
 
 def test_compare_pairs_the_first_strategy_with_each_other_seed_by_seed(tmp_path, capsys):
@@ -246,7 +249,13 @@ def test_compare_in_parallel_and_resumed_gives_the_same_table(tmp_path, capsys):
 def test_compare_gives_each_strategy_its_per_strategy_settings(tmp_path, capsys):
     sets = sum((["--set", s] for s in [*TINY, "scenario.n_tasks=2"]), [])
     per = ["--set", "strategy.per_strategy.der={buffer_size: 6, buffer_selection: reservoir}"]
-    assert main(["compare", "--strategies", "emtal,der", *sets, *per, "--out", str(tmp_path)]) == 0
+    base = ["compare", "--strategies", "emtal,der", *sets, *per, "--out", str(tmp_path)]
+    # another memory for der breaks the one-budget comparison: refused before anything is written
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different buffer_sizes (emtal 24, der 6)" in err[0], err
+    assert "--unequal-budgets" in err[0] and not any(tmp_path.iterdir())
+    assert main([*base, "--unequal-budgets"]) == 0
     capsys.readouterr()
     got = {}
     for name in ("emtal", "der"):
@@ -258,7 +267,13 @@ def test_compare_gives_each_strategy_its_per_strategy_settings(tmp_path, capsys)
     assert got == {"emtal": ("emtal", 24, "balanced", 24), "der": ("der", 6, "reservoir", 6)}
     summary = json.loads((tmp_path / "compare.json").read_text())
     assert summary["per_strategy"] == {"der": {"buffer_size": 6, "buffer_selection": "reservoir"}}
+    assert summary["equal_budgets"] is False
+    assert summary["memory"] == {
+        "emtal": {"buffer_size": 24, "buffer_per_class": None},
+        "der": {"buffer_size": 6, "buffer_per_class": None},
+    }
     md = (tmp_path / "compare.md").read_text()
+    assert "**Unequal memory budgets** (`--unequal-budgets`): emtal: buffer_size=24" in md
     assert (
         "(`strategy.per_strategy`), the rest as configured: der: buffer_size=6, buffer_selection=reservoir."
         in md
