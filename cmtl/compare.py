@@ -98,9 +98,9 @@ def memory_budgets(cfg: ExperimentConfig, strategies: Sequence[str]) -> dict[str
 
     out = {}
     for name in strategies:
+        st = cfg.strategy.resolved(name)  # checks the section as `name` trains with it
         spec = strategy_spec(name, cfg.model, cfg.strategy, cfg.seed)
         if spec.emtal.qr is not None or spec.avalanche == "replay":
-            st = cfg.strategy.resolved(name)
             out[name] = {k: getattr(st, k) for k in BUDGET_KEYS}
     return out
 

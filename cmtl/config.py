@@ -485,7 +485,8 @@ class StrategyConfig(_Section):
         fading_start: Fraction of a task's steps at which the router weight `a` starts falling from 1.
         fading_end: Fraction of a task's steps at which `a` reaches 0.
         buffer_size: Samples kept in the QR / replay buffer over all tasks.
-        buffer_per_class: Cap per class; None divides `buffer_size` over the classes seen.
+        buffer_per_class: Cap per class of the QR buffer (emtal, der); None divides `buffer_size`
+            over the classes seen. `replay`'s memory balances over tasks and refuses a cap.
         buffer_selection: "balanced" (class-balanced, highest-quality samples first), "random"
             (class-balanced, random within each class) or "reservoir" (random over the stream).
         replay_batch_size: Buffer samples replayed per training step (QR buffer of EMTAL and der,
@@ -686,6 +687,13 @@ class StrategyConfig(_Section):
                 f"config key {self._key('alignment_drift_task_samples')!r} is "
                 f"{self.alignment_drift_task_samples}, which needs 'strategy.alignment_drift_map' "
                 f"linear (it is {self.alignment_drift_map!r}); valid: 0, or a linear drift map"
+            )
+        if self.name == "replay" and self.buffer_per_class is not None:
+            # Avalanche's memory keeps buffer_size samples balanced over experiences, not classes:
+            # a cap it would ignore must not look like one it keeps
+            raise ConfigError(
+                f"config key {self._key('buffer_per_class')!r} is {self.buffer_per_class}, which replay "
+                "does not honour (its memory balances buffer_size over tasks); valid for replay: null"
             )
         if not 0.0 <= self.momentum < 1.0:
             _fail(self._key("momentum"), self.momentum, "in [0, 1)")

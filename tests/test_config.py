@@ -258,6 +258,14 @@ BAD_OVERRIDES = [
     (["strategy.lr=[1"], "cannot parse value"),
     (["model.rank=0"], "'model.rank' must be > 0"),
     (["model=3"], "config key 'model' must be a mapping"),
+    (
+        ["strategy.name=replay", "strategy.buffer_per_class=20"],
+        "'strategy.buffer_per_class' is 20, which replay does not honour",
+    ),
+    (  # the same cap through a per-strategy entry
+        ["strategy.per_strategy.replay={buffer_per_class: 5}"],
+        "in 'strategy.per_strategy.replay': config key 'strategy.buffer_per_class' is 5",
+    ),
 ]
 
 

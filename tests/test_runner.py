@@ -255,6 +255,10 @@ def test_compare_gives_each_strategy_its_per_strategy_settings(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "different buffer_sizes (emtal 24, der 6)" in err[0], err
     assert "--unequal-budgets" in err[0] and not any(tmp_path.iterdir())
+    # a cap per class that replay's memory would ignore is refused too, not silently dropped
+    cap = ["--set", "strategy.buffer_per_class=3"]
+    assert main(["compare", "--strategies", "emtal,replay", *sets, *cap, "--out", str(tmp_path)]) == 2
+    assert "which replay does not honour" in capsys.readouterr().err and not any(tmp_path.iterdir())
     assert main([*base, "--unequal-budgets"]) == 0
     capsys.readouterr()
     got = {}
