@@ -105,16 +105,21 @@ def memory_budgets(cfg: ExperimentConfig, strategies: Sequence[str]) -> dict[str
     return out
 
 
+def unequal_budget_keys(budgets: dict[str, dict[str, Any]]) -> list[str]:
+    """The keys of `BUDGET_KEYS` on which the strategies' memories differ."""
+    return [k for k in BUDGET_KEYS if len({b[k] for b in budgets.values()}) > 1]
+
+
 def check_equal_budgets(budgets: dict[str, dict[str, Any]]) -> None:
     """Refuse strategies whose memories differ (ConfigError naming each one's): a comparison at one budget."""
-    for key in BUDGET_KEYS:
-        values = {name: b[key] for name, b in budgets.items()}
-        if len(set(values.values())) > 1:
-            each = ", ".join(f"{n} {v}" for n, v in values.items())
-            raise ConfigError(
-                f"strategy.per_strategy gives the strategies with a memory different {key}s ({each}); "
-                "valid: one value for all of them, or --unequal-budgets to compare anyway"
-            )
+    unequal = unequal_budget_keys(budgets)
+    if unequal:
+        key = unequal[0]
+        each = ", ".join(f"{n} {b[key]}" for n, b in budgets.items())
+        raise ConfigError(
+            f"strategy.per_strategy gives the strategies with a memory different {key}s ({each}); "
+            "valid: one value for all of them, or --unequal-budgets to compare anyway"
+        )
 
 
 def _run_one(cfg: ExperimentConfig, out: Path, resume: bool, threads: int | None) -> dict[str, Any]:
@@ -234,7 +239,7 @@ def run_compare(
         },
         # what each strategy with a memory kept (samples over all tasks, cap per class)
         "memory": budgets,
-        "equal_budgets": all(len({b[k] for b in budgets.values()}) <= 1 for k in BUDGET_KEYS),
+        "equal_budgets": not unequal_budget_keys(budgets),
     }
     write_json(root / "compare.json", summary)
     # what the runs were evaluated on (a multi_dataset entry may set its own validation split)
