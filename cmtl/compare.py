@@ -122,6 +122,11 @@ def check_equal_budgets(budgets: dict[str, dict[str, Any]]) -> None:
         )
 
 
+def _settings_text(settings: dict[str, dict[str, Any]]) -> str:
+    """`{strategy: {key: value}}` as one line: `der: a=1, b=2; replay: a=3`."""
+    return "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in kv.items()) for n, kv in settings.items())
+
+
 def _run_one(cfg: ExperimentConfig, out: Path, resume: bool, threads: int | None) -> dict[str, Any]:
     """One (strategy, seed) run; a finished one is read back, an unfinished one resumed if asked."""
     import json
@@ -246,14 +251,10 @@ def run_compare(
     split = "/".join(sorted({r.get("evaluated_on", "test") for rs in runs.values() for r in rs}))
     header = f"# cmtl compare: {cfg.name}\n\nseeds {seed_list}; mean ± std over seeds; {split} split.\n\n"
     if summary["per_strategy"]:
-        own = "; ".join(
-            f"{n}: " + ", ".join(f"{k}={v}" for k, v in changes.items())
-            for n, changes in summary["per_strategy"].items()
-        )
+        own = _settings_text(summary["per_strategy"])
         header += f"Own settings (`strategy.per_strategy`), the rest as configured: {own}.\n\n"
     if not summary["equal_budgets"]:
-        each = "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in b.items()) for n, b in budgets.items())
-        header += f"**Unequal memory budgets** (`--unequal-budgets`): {each}.\n\n"
+        header += f"**Unequal memory budgets** (`--unequal-budgets`): {_settings_text(budgets)}.\n\n"
     if paired:
         paired_text, paired_md = _paired_table(paired)
         text += "\n\n" + paired_text
