@@ -12,7 +12,8 @@ with `--jobs 2` that was about an hour on 2 CPU cores while every config trained
 The class-incremental configs train 10 since session 29 (replayed buffer images augmented), which
 makes `fmnist_cil` about three times longer, and so do `mnist_fashion` since session 32,
 `fmnist_til` since session 37 and `smnist_til` since session 31 (30 epochs since session 35: nine
-times); `--set strategy.epochs=3`
+times); `smnist_cil` trains 20 since session 39, with every pre-trained weight trained by the
+adapter strategies (`tune_base`). `--set strategy.epochs=3`
 gives the old budget (and the old, under-trained baselines). `--set scenario.max_per_class=...`
 (or the flags) change the subsampling; the dev configs' own values (500 / 300) are for longer runs.
 """
