@@ -73,6 +73,13 @@ def test_every_shipped_config_loads(path):
         assert cfg.name == path.stem
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_keep_frozen_on_the_pretrained_backbone(path):
+    # `frozen` is the reference for what feature learning adds: a config whose adapter strategies
+    # train pre-trained weights (`tune_base`) must exempt it through `per_strategy`
+    assert load_config(path).strategy.resolved("frozen").tune_base == []
+
+
 def test_dev_configs_use_shared_backbone():
     for stem in ("dev_fashion_mnist_til", "dev_fashion_mnist_cil", "dev_mnist_fashion"):
         cfg = load_config(ROOT / "configs" / f"{stem}.yaml")
