@@ -30,7 +30,7 @@ from cmtl.augment import AUGMENTS
 from cmtl.heads import HEAD_INITS
 from cmtl.losses import list_distill_losses
 from cmtl.model import BASE_GROUPS
-from cmtl.qr import BANK_UPDATES, DISTILL_WEIGHTS, SELECTIONS, STORAGES, WEIGHTINGS
+from cmtl.qr import BANK_UPDATES, DISTILL_WEIGHTS, REFRESH_KEEPS, SELECTIONS, STORAGES, WEIGHTINGS
 from cmtl.registry import closest, did_you_mean
 
 __all__ = [
@@ -512,6 +512,9 @@ class StrategyConfig(_Section):
         qr_refresh: After every task, re-evaluate the QR buffer and keep each sample's logits where
             the model's are now of higher quality (best logits over the stream, not only over the
             sample's own task). EMTAL and its ablations only; DER keeps its logits as stored.
+        qr_refresh_keep: What `qr_refresh` keeps: "best" (a record is replaced only by logits of higher
+            quality) or "latest" (every record by the model's logits after the task, classifier
+            alignment included; class-incremental records then cover every class seen).
         qr_distill_weight: Per-sample weight of the distillation on buffer batches: "uniform",
             "correct" (only samples whose stored logits are right) or "confidence" (their stored
             probability of the true class).
@@ -595,6 +598,7 @@ class StrategyConfig(_Section):
     qr_in_task_max_weight: float = 10.0
     qr_bank_update: str = "ema"
     qr_refresh: bool = False
+    qr_refresh_keep: str = "best"
     qr_distill_weight: str = "uniform"
     qr_augment: str = "none"
     weight_aligning: bool = False
@@ -665,6 +669,7 @@ class StrategyConfig(_Section):
         _one_of(self, "qr_weighting", WEIGHTINGS)
         _one_of(self, "qr_bank_update", BANK_UPDATES)
         _one_of(self, "qr_distill_weight", DISTILL_WEIGHTS)
+        _one_of(self, "qr_refresh_keep", REFRESH_KEEPS)
         _one_of(self, "qr_augment", AUGMENTS)
         _one_of(self, "head_init", HEAD_INITS)
         _one_of(self, "alignment_covariance", COVARIANCES)

@@ -394,7 +394,8 @@ class EMTALController:
 
     @torch.no_grad()
     def refresh_buffer(self) -> int:
-        """Evaluate the buffer under each sample's own head; keep logits where their quality improved."""
+        """Evaluate the buffer under each sample's own head; keep logits where their quality improved
+        (`refresh_keep: latest`: keep them all, over every class seen in class-incremental mode)."""
         if self.qr is None or not len(self.qr):
             return 0
         size, buf, dev = self.pool_batch_size, self.qr.buffer, self._device()
@@ -406,7 +407,8 @@ class EMTALController:
             ]
         # a TIL batch is as wide as its widest head; columns past a sample's own are not read
         width = buf["logits"].shape[1]
-        replaced = self.qr.refresh(torch.cat([F.pad(c, (0, max(0, width - c.shape[1]))) for c in chunks]))
+        logits = torch.cat([F.pad(c, (0, max(0, width - c.shape[1]))) for c in chunks])
+        replaced = self.qr.refresh(logits, widen=self.model.mode == "cil")
         logger.info("QR buffer after task %d: %d of %d records improved", self.task, replaced, len(self.qr))
         return replaced
 

@@ -59,6 +59,7 @@ __all__ = [
     "QRConfig",
     "ReplayBatch",
     "DISTILL_WEIGHTS",
+    "REFRESH_KEEPS",
     "SELECTIONS",
     "STORAGES",
     "WEIGHTINGS",
@@ -74,6 +75,7 @@ WEIGHTINGS = ("fixed", "classes")
 STORAGES = ("float32", "uint8")
 BANK_UPDATES = ("ema", "best")
 DISTILL_WEIGHTS = ("uniform", "correct", "confidence")
+REFRESH_KEEPS = ("best", "latest")
 STATE_FORMAT = 1
 # quality of an incorrectly classified sample: below every correct one (whose margin is > 0)
 INCORRECT_QUALITY = float("-inf")
@@ -121,6 +123,9 @@ class QRConfig:
             task: `refresh` offers the model's logits on the buffer (the controller does so after
             every task) and a stored record is replaced where the new one has higher quality. False
             freezes a sample's logits when it enters the buffer (DER's behaviour).
+        refresh_keep: What `refresh` keeps: "best" (the higher-quality record, as above) or
+            "latest" (always the new logits: the buffer follows the current model, and a
+            class-incremental record widens to every class seen, as a teacher of the last model).
         distill_weight: How much each buffer sample's distillation term counts: "uniform" (all the
             same), "correct" (only samples whose stored logits classify them correctly: a wrong
             record is not worth retaining) or "confidence" (the stored softmax probability of the
@@ -150,6 +155,7 @@ class QRConfig:
     seed: int = 0
     batch_size: int | None = None
     refresh: bool = False
+    refresh_keep: str = "best"
     distill_weight: str = "uniform"
     augment: str = "none"
 
@@ -176,6 +182,10 @@ class QRConfig:
             raise ValueError(
                 f"QRConfig.distill_weight {self.distill_weight!r} is unknown; "
                 f"valid: {', '.join(DISTILL_WEIGHTS)}"
+            )
+        if self.refresh_keep not in REFRESH_KEEPS:
+            raise ValueError(
+                f"QRConfig.refresh_keep {self.refresh_keep!r} is unknown; valid: {', '.join(REFRESH_KEEPS)}"
             )
         if self.augment not in AUGMENTS:
             raise ValueError(f"QRConfig.augment {self.augment!r} is unknown; valid: {', '.join(AUGMENTS)}")
@@ -628,16 +638,20 @@ class QRBuffer:
         return int(better.sum())
 
     @torch.no_grad()
-    def refresh(self, logits: torch.Tensor, indices: torch.Tensor | None = None) -> int:
-        """Offer the model's current logits on buffer samples; keep them where quality improves.
+    def refresh(self, logits: torch.Tensor, indices: torch.Tensor | None = None, widen: bool = False) -> int:
+        """Offer the model's current logits on buffer samples; keep them as `config.refresh_keep` says.
 
-        The buffer's counterpart of `record`: each sample is judged on the columns of its own task
-        (its `num_valid`), so a class-incremental head that grew since does not count.
+        The buffer's counterpart of `record`: with "best" each sample is judged on the columns of its
+        own task (its `num_valid`), so a class-incremental head that grew since does not count, and a
+        record is replaced where the new logits' quality is higher. With "latest" every record is
+        replaced.
 
         Args:
             logits: Logits of the buffer samples (all of them in buffer order, or those in
                 `indices`), at least as wide as the widest stored record; extra columns are ignored.
             indices: Buffer positions of the rows of `logits`.
+            widen: With "latest", the records take every column of `logits` (a class-incremental
+                head: the sample is then distilled over every class seen); the buffer widens to match.
 
         Returns:
             The number of records replaced.
@@ -654,10 +668,18 @@ class QRBuffer:
         if not idx.numel():
             return 0
         b = self._buffer
-        valid = _valid_columns(width, b["num_valid"][idx])
+        latest = self.config.refresh_keep == "latest"
+        if latest and widen and logits.shape[1] > width:
+            width = logits.shape[1]
+            b["logits"] = _pad_columns(b["logits"], width)
+        num_valid = b["num_valid"][idx]
+        if latest and widen:
+            num_valid = torch.full_like(num_valid, width)
+            b["num_valid"][idx] = num_valid
+        valid = _valid_columns(width, num_valid)
         logits = logits.detach()[:, :width].float().cpu()
         quality = logit_quality(logits.masked_fill(~valid, float("-inf")), b["y"][idx])
-        better = quality > b["quality"][idx]
+        better = torch.ones_like(quality, dtype=torch.bool) if latest else quality > b["quality"][idx]
         upd = idx[better]
         b["logits"][upd] = logits[better].masked_fill(~valid[better], 0.0)
         b["quality"][upd] = quality[better]

@@ -84,6 +84,7 @@ def qr_config(st: StrategyConfig, seed: int = 0, **changes) -> QRConfig:
         max_weight=st.qr_in_task_max_weight,
         bank_update=st.qr_bank_update,
         refresh=st.qr_refresh,
+        refresh_keep=st.qr_refresh_keep,
         distill_weight=st.qr_distill_weight,
         augment=st.qr_augment,
         seed=seed,

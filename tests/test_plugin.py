@@ -255,8 +255,8 @@ def test_refresh_buffer_keeps_the_best_of_stored_and_final_model_logits(mode):
     ctl = EMTALController(model, EMTALConfig(qr=qr, head_init="prototype"))
     seen = []
     real = ctl.qr.refresh
-    ctl.qr.refresh = lambda logits: (
-        seen.append((ctl.qr.buffer["quality"].clone(), real(logits))) or seen[-1][1]
+    ctl.qr.refresh = lambda logits, **kw: (
+        seen.append((ctl.qr.buffer["quality"].clone(), real(logits, **kw))) or seen[-1][1]
     )
     for task in range(2):
         x, y = _two_blob_images(12, label_offset=2 * task if mode == "cil" else 0)
@@ -285,3 +285,35 @@ def test_refresh_buffer_keeps_the_best_of_stored_and_final_model_logits(mode):
     assert torch.allclose(b["quality"], expected)
     gained = now_quality > before + 1e-4  # one sample at a time here: float noise of 1e-6 otherwise
     assert replaced == int(gained.sum()) and bool(gained[b["task"] == 0].all()) and replaced > 0
+
+
+@pytest.mark.parametrize("mode", ["til", "cil"])
+def test_refresh_latest_stores_the_final_model_logits_on_every_class_seen(mode):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cmtl.continual import EMTALController
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    qr = QRConfig(budget=12, selection="reservoir", refresh=True, refresh_keep="latest")
+    model = CMTLModel(vit, AdapterConfig(num_experts=4, rank=2), mode=mode)
+    ctl = EMTALController(model, EMTALConfig(qr=qr, head_init="prototype"))
+    for task in range(2):
+        x, y = _two_blob_images(12, label_offset=2 * task if mode == "cil" else 0)
+        ctl.start_task(2, x, y)
+        ctl.init_head([(x, y)])
+        ctl.record_pool()
+        ctl.end_task()
+    b = ctl.qr.buffer
+    assert set(b["task"].tolist()) == {0, 1}
+    with torch.no_grad():
+        model.eval()
+        x = ctl.qr.buffer_images()
+        now = (
+            torch.cat([model(x[i : i + 1], int(t)) for i, t in enumerate(b["task"])])
+            if mode == "til"
+            else model(x, None)
+        )
+    # class-incremental: task 0's samples now hold all 4 classes' logits, not their own 2
+    assert b["num_valid"].tolist() == [2 if mode == "til" else 4] * len(b["y"])
+    assert torch.allclose(b["logits"], now, atol=1e-5)

@@ -706,6 +706,34 @@ def test_refresh_keeps_the_better_record_on_each_sample_s_own_columns():
         qr.refresh(torch.zeros(1, 5), indices=torch.tensor([8]))
 
 
+def test_refresh_latest_replaces_every_record_and_widens_class_incremental_ones():
+    qr = QRBuffer(QRConfig(budget=8, selection="reservoir", refresh_keep="latest"))
+    _run_task(qr, 0, n_classes=2, per_class=4)
+    _run_task(qr, 1, n_classes=3, per_class=4, cil_offset=2)
+    b = qr.buffer
+    n, y = len(qr), b["y"].clone()
+    assert sorted(set(b["num_valid"].tolist())) == [2, 5]
+    new = torch.zeros(n, 5)
+    new[torch.arange(n), (y + 1) % 5] = 1.0  # every sample now wrong: "best" would keep them all
+    assert qr.refresh(new.clone()) == n
+    b = qr.buffer
+    assert torch.equal(b["quality"], torch.full((n,), float("-inf")))
+    # without widen a record keeps its own columns; the rest are zeroed as stored
+    old_task = b["num_valid"] == 2
+    assert torch.equal(b["logits"][~old_task], new[~old_task])
+    assert torch.equal(b["logits"][old_task, 2:], torch.zeros(int(old_task.sum()), 3))
+    # widen: a head grown to 7 classes since; every record takes all 7 columns
+    wide = torch.randn(n, 7)
+    assert qr.refresh(wide, widen=True) == n
+    b = qr.buffer
+    assert b["logits"].shape == (n, 7) and torch.equal(b["logits"], wide)
+    assert b["num_valid"].tolist() == [7] * n
+    batch = qr.sample(4, generator=torch.Generator().manual_seed(0))
+    assert batch.logits.shape == (4, 7) and bool(batch.mask.all())
+    with pytest.raises(ValueError, match=r"refresh_keep 'last' is unknown; valid: best, latest"):
+        QRConfig(refresh_keep="last")
+
+
 @pytest.mark.parametrize("mode", ["correct", "confidence"])
 def test_distill_weight_counts_each_sample_by_its_stored_record(mode):
     uniform = _filled_buffer(selection="reservoir")
