@@ -669,14 +669,11 @@ class QRBuffer:
             return 0
         b = self._buffer
         latest = self.config.refresh_keep == "latest"
-        if latest and widen and logits.shape[1] > width:
-            width = logits.shape[1]
-            b["logits"] = _pad_columns(b["logits"], width)
-        num_valid = b["num_valid"][idx]
         if latest and widen:
-            num_valid = torch.full_like(num_valid, width)
-            b["num_valid"][idx] = num_valid
-        valid = _valid_columns(width, num_valid)
+            width = max(width, logits.shape[1])
+            b["logits"] = _pad_columns(b["logits"], width)
+            b["num_valid"][idx] = width
+        valid = _valid_columns(width, b["num_valid"][idx])
         logits = logits.detach()[:, :width].float().cpu()
         quality = logit_quality(logits.masked_fill(~valid, float("-inf")), b["y"][idx])
         better = torch.ones_like(quality, dtype=torch.bool) if latest else quality > b["quality"][idx]
